@@ -1,0 +1,330 @@
+"""Datasets: download and verify, validate, split leave-one-out, sample negatives, Table 2.
+
+The four benchmark files are the S3-Rec preprocessed files the paper uses unchanged: one line per
+user, ``user_id item_id item_id ...`` in chronological order, ids from 1. A user's own dataset in
+the same format is one config entry (a name and a path); its checksum is recorded, not checked.
+
+Split (the paper's): the last item is the test target, the second to last the validation target,
+the rest is the training part. Model inputs are cut to the last ``max_len`` items (50).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .files import InputError, atomic_path, git_blob_sha1, read_json, sha256_file, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+CANONICAL_URL = "https://raw.githubusercontent.com/RUCAIBox/CIKM2020-S3Rec/master/data/"
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownDataset:
+    """A benchmark file of the paper: its checksums and the name the paper's tables use."""
+
+    paper_name: str
+    sha256: str
+    sample_git_sha1: str  # the S3-Rec 99-negative candidate file <name>_sample.txt
+
+
+KNOWN_DATASETS = {
+    "Beauty": KnownDataset("Beauty", "226cce9c3105299ca0db9615d7d3fb32b3175e90da43100ae352599f0f0107b8",
+                           "a516bb7a9ccaabadbb13be731382f30bd977c7a8"),
+    "Sports_and_Outdoors": KnownDataset("Sports", "2a095e0648872beb9982408958290f5d655db5be2911c3756b5446de9f0b8de2",
+                                        "17dc8cab2b54c6ee0ba1dc9d5cc273e70427e81b"),
+    "Toys_and_Games": KnownDataset("Toys", "176c680c688d497598c4a89a03b402c0fe78d795e5db335c2e78dd5f2d778a3f",
+                                   "97e609efc6228cc342df2ce480bebec4b7c3911b"),
+    "Yelp": KnownDataset("Yelp", "724b219106b81dd2349027da997334ddb6da9fe2f152ad6e0d97a93170f7caed",
+                         "fbd75af7efe10bab288245c0d4a54ca3bf2faa3b"),
+}
+
+
+def paper_name(dataset: str) -> str:
+    """The name the paper's tables give a dataset (``Sports`` for ``Sports_and_Outdoors``)."""
+    return KNOWN_DATASETS[dataset].paper_name if dataset in KNOWN_DATASETS else dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# Download
+
+
+def _copy_from(source: str, dest: Path) -> None:
+    """Copy a file from a local path or a URL to ``dest`` (caller makes it atomic)."""
+    if "://" in source:
+        with urllib.request.urlopen(source, timeout=60) as response, open(dest, "wb") as out:
+            shutil.copyfileobj(response, out)
+    else:
+        if not Path(source).is_file():
+            raise FileNotFoundError(source)
+        shutil.copyfile(source, dest)
+
+
+def _source_of(filename: str, mirror: str | None) -> str:
+    if not mirror:
+        return CANONICAL_URL + filename
+    return mirror.rstrip("/") + "/" + filename if "://" in mirror else str(Path(mirror) / filename)
+
+
+def fetch_dataset(name: str, dest: str | Path, mirror: str | None = None, path: str | None = None) -> dict:
+    """Fetch one dataset file to ``dest``, verified; return its record (source, sha256, verified).
+
+    Known datasets come from ``mirror`` (a folder or URL base) or the canonical URL and must match
+    their published sha256. A custom dataset (``path`` given) is copied and its sha256 recorded.
+    """
+    dest = Path(dest)
+    source = path if path else _source_of(f"{name}.txt", mirror)
+    with atomic_path(dest) as tmp:
+        try:
+            _copy_from(source, tmp)
+        except (OSError, ValueError) as err:
+            raise InputError(f"{source}: cannot fetch dataset {name!r} ({err})") from None
+        digest = sha256_file(tmp)
+        known = KNOWN_DATASETS.get(name)
+        if known and not path and digest != known.sha256:
+            raise InputError(f"{source}: sha256 mismatch for {name}: expected {known.sha256}, got {digest}"
+                             " (corrupted or truncated download)")
+    return {"name": name, "source": source, "sha256": digest, "checksum_verified": bool(known and not path)}
+
+
+def fetch_negatives(name: str, dest: str | Path, mirror: str | None = None) -> dict | None:
+    """Try to fetch S3-Rec's 99-negative file, verified by git blob SHA-1; None if unreachable."""
+    known = KNOWN_DATASETS.get(name)
+    if known is None:
+        return None
+    source = _source_of(f"{name}_sample.txt", mirror)
+    try:
+        with atomic_path(dest) as tmp:
+            _copy_from(source, tmp)
+            blob = git_blob_sha1(tmp)
+            if blob != known.sample_git_sha1:
+                raise InputError(f"{source}: git blob SHA-1 mismatch: expected {known.sample_git_sha1}, got {blob}")
+    except (OSError, ValueError) as err:
+        if isinstance(err, InputError):
+            raise
+        log.info("negatives for %s not reachable at %s (%s): they will be drawn", name, source, err)
+        return None
+    return {"source": source, "git_blob_sha1": blob}
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing and validation
+
+
+def parse_sequences(path: str | Path) -> dict[int, list[int]]:
+    """Parse a ``user item item ...`` file; every problem is reported with file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    text = path.read_bytes()
+    if not text.strip():
+        raise InputError(f"{path}: file is empty")
+    if not text.endswith(b"\n"):
+        raise InputError(f"{path}: last line has no newline: the file looks truncated")
+    sequences: dict[int, list[int]] = {}
+    for line_no, raw in enumerate(text.decode("utf-8", errors="replace").splitlines(), start=1):
+        tokens = raw.split()
+        if not tokens:
+            raise InputError(f"{path}:{line_no}: empty line")
+        try:
+            ids = [int(token) for token in tokens]
+        except ValueError:
+            bad = next(t for t in tokens if not t.lstrip("-").isdigit())
+            raise InputError(f"{path}:{line_no}: non-integer token {bad!r}") from None
+        user, items = ids[0], ids[1:]
+        if user in sequences:
+            raise InputError(f"{path}:{line_no}: duplicate line for user {user}")
+        if user <= 0:
+            raise InputError(f"{path}:{line_no}: user id {user} must be positive")
+        bad_items = [i for i in items if i <= 0]
+        if bad_items:
+            raise InputError(f"{path}:{line_no}: item id {bad_items[0]} must be positive (ids start at 1; 0 is padding)")
+        sequences[user] = items
+    return sequences
+
+
+def drop_short_users(sequences: dict[int, list[int]], min_interactions: int, policy: str,
+                     path: str | Path = "<sequences>") -> tuple[dict[int, list[int]], int]:
+    """Apply the short-user policy: ``drop`` (return the count dropped) or ``error``."""
+    short = [u for u, items in sequences.items() if len(items) < min_interactions]
+    if short and policy == "error":
+        raise InputError(f"{path}: {len(short)} users have fewer than {min_interactions} interactions "
+                         f"(first: user {short[0]}); leave-one-out needs a training, a validation and a test item")
+    kept = {u: items for u, items in sequences.items() if len(items) >= min_interactions}
+    if short:
+        log.warning("%s: dropped %d users with fewer than %d interactions", path, len(short), min_interactions)
+    return kept, len(short)
+
+
+def subsample_users(sequences: dict[int, list[int]], n_users: int | None, seed: int) -> dict[int, list[int]]:
+    """A seeded uniform sample of ``n_users`` users (all of them when None or larger)."""
+    if not n_users or n_users >= len(sequences):
+        return sequences
+    users = np.array(sorted(sequences))
+    chosen = np.sort(np.random.default_rng(seed).choice(users, size=n_users, replace=False))
+    return {int(u): sequences[int(u)] for u in chosen}
+
+
+def draw_negatives(sequences: dict[int, list[int]], n_items: int, n_negatives: int, seed: int) -> dict[int, list[int]]:
+    """Draw ``n_negatives`` distinct items per user, uniformly from items the user never interacted with."""
+    rng = np.random.default_rng(seed)
+    negatives = {}
+    for user in sorted(sequences):
+        seen = set(sequences[user])
+        if n_items - len(seen) < n_negatives:
+            raise InputError(f"user {user}: only {n_items - len(seen)} unseen items, {n_negatives} negatives needed")
+        chosen: list[int] = []
+        taken = set(seen)
+        while len(chosen) < n_negatives:
+            for item in rng.integers(1, n_items + 1, size=2 * n_negatives).tolist():
+                if item not in taken:
+                    taken.add(item)
+                    chosen.append(item)
+                    if len(chosen) == n_negatives:
+                        break
+        negatives[user] = chosen
+    return negatives
+
+
+def parse_negatives(path: str | Path, sequences: dict[int, list[int]], n_negatives: int) -> dict[int, list[int]]:
+    """Read an S3-Rec ``_sample.txt`` file; check it covers every user and excludes their history."""
+    negatives = parse_sequences(path)
+    for user, items in sequences.items():
+        if user not in negatives:
+            raise InputError(f"{path}: no negatives for user {user}")
+        if len(negatives[user]) != n_negatives:
+            raise InputError(f"{path}: user {user} has {len(negatives[user])} negatives, expected {n_negatives}")
+        if set(negatives[user]) & set(items):
+            raise InputError(f"{path}: negatives of user {user} include items of the user's history")
+    return {u: negatives[u] for u in sequences}
+
+
+def statistics(sequences: dict[int, list[int]], n_items: int) -> dict:
+    """Table 2: users, items, interactions, sparsity, average sequence length."""
+    n_users = len(sequences)
+    interactions = sum(len(items) for items in sequences.values())
+    return {"users": n_users, "items": n_items, "interactions": interactions,
+            "sparsity": 1.0 - interactions / (n_users * n_items), "average_length": interactions / n_users}
+
+
+# ----------------------------------------------------------------------------------------------
+# The prepared dataset
+
+
+def prepare(name: str, raw_path: str | Path, out_dir: str | Path, *, raw_record: dict, max_len: int,
+            min_interactions: int = 3, short_user_policy: str = "drop", subsample: int | None = None,
+            subsample_seed: int = 0, n_negatives: int = 99, negatives_seed: int = 2023,
+            negatives_path: str | Path | None = None, negatives_record: dict | None = None) -> dict:
+    """Validate, subsample and fix negatives; write ``sequences.parquet``, ``negatives.parquet``
+    and ``dataset.json`` (statistics, sources, policies) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    full = parse_sequences(raw_path)
+    n_items = max(max(items) for items in full.values() if items)
+    full, dropped = drop_short_users(full, min_interactions, short_user_policy, raw_path)
+    if not full:
+        raise InputError(f"{raw_path}: no user has at least {min_interactions} interactions")
+    full_stats = statistics(full, n_items)
+    sequences = subsample_users(full, subsample, subsample_seed)
+    if negatives_path is not None:
+        negatives = parse_negatives(negatives_path, sequences, n_negatives)
+        negatives_info = {"origin": "downloaded (S3-Rec candidate file, git blob SHA-1 verified)", **(negatives_record or {})}
+    else:
+        negatives = draw_negatives(sequences, n_items, n_negatives, negatives_seed)
+        negatives_info = {"origin": "drawn", "seed": negatives_seed,
+                          "method": "uniform over items the user never interacted with, without replacement"}
+    users = sorted(sequences)
+    frame = pd.DataFrame({"user_id": users, "items": [sequences[u] for u in users]})
+    neg_frame = pd.DataFrame({"user_id": users, "negatives": [negatives[u] for u in users]})
+    record = {
+        "name": name, "n_items": n_items, "max_len": max_len, "raw": raw_record,
+        "statistics": statistics(sequences, n_items), "full_statistics": full_stats,
+        "short_users": {"min_interactions": min_interactions, "policy": short_user_policy, "dropped": dropped},
+        "subsample": {"users": subsample, "seed": subsample_seed},
+        "negatives": {"count": n_negatives, **negatives_info},
+        "split": "leave-one-out: last item test, second to last validation, the rest training",
+    }
+    write_parquet(out_dir / "sequences.parquet", frame)
+    write_parquet(out_dir / "negatives.parquet", neg_frame)
+    write_json(out_dir / "dataset.json", record)
+    return record
+
+
+def left_pad(rows: list[np.ndarray] | list[list[int]], width: int) -> np.ndarray:
+    """Right-align each row's last ``width`` items in a zero (padding) matrix [n, width]."""
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        row = row[-width:]
+        if len(row):
+            out[i, width - len(row):] = row
+    return out
+
+
+@dataclasses.dataclass
+class SequenceData:
+    """A prepared dataset in memory. Items are 1..n_items; 0 is padding."""
+
+    name: str
+    n_items: int
+    max_len: int
+    user_ids: np.ndarray  # [U]
+    sequences: list[np.ndarray]  # per user, full chronological sequence
+    negatives: np.ndarray  # [U, n_negatives]
+    record: dict
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "SequenceData":
+        folder = Path(folder)
+        record = read_json(folder / "dataset.json")
+        frame = pd.read_parquet(folder / "sequences.parquet")
+        neg = pd.read_parquet(folder / "negatives.parquet")
+        if not np.array_equal(frame["user_id"].to_numpy(), neg["user_id"].to_numpy()):
+            raise InputError(f"{folder}: sequences.parquet and negatives.parquet list different users")
+        return cls(name=record["name"], n_items=int(record["n_items"]), max_len=int(record["max_len"]),
+                   user_ids=frame["user_id"].to_numpy(),
+                   sequences=[np.asarray(items, dtype=np.int64) for items in frame["items"]],
+                   negatives=np.stack([np.asarray(n, dtype=np.int64) for n in neg["negatives"]]),
+                   record=record)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.sequences)
+
+    def train_part(self, user_index: int) -> np.ndarray:
+        return self.sequences[user_index][:-2]
+
+    def histories(self, split: str) -> list[np.ndarray]:
+        """Uncut histories: the training part for ``valid``, training part + validation item for ``test``."""
+        end = {"valid": -2, "test": -1}[split]
+        return [seq[:end] for seq in self.sequences]
+
+    def targets(self, split: str) -> np.ndarray:
+        index = {"valid": -2, "test": -1}[split]
+        return np.array([seq[index] for seq in self.sequences], dtype=np.int64)
+
+    def padded_histories(self, split: str) -> np.ndarray:
+        """[U, max_len] model inputs: each history cut to its last ``max_len`` items, left-padded."""
+        return left_pad(self.histories(split), self.max_len)
+
+    def training_sequences(self) -> np.ndarray:
+        """[U, max_len + 1] the last ``max_len + 1`` training items per user, left-padded: inputs
+        ``[:, :-1]`` and next-item targets ``[:, 1:]`` for models trained on every position."""
+        return left_pad([self.train_part(i) for i in range(self.n_users)], self.max_len + 1)
+
+    def training_examples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(user_index [N], history [N, max_len], target [N]): one example per training position
+        with a non-empty history, for the last ``max_len`` positions of each training part."""
+        users, histories, targets = [], [], []
+        for u in range(self.n_users):
+            train = self.train_part(u)
+            for t in range(max(1, len(train) - self.max_len), len(train)):
+                users.append(u)
+                histories.append(train[max(0, t - self.max_len):t])
+                targets.append(train[t])
+        return (np.asarray(users, dtype=np.int64), left_pad(histories, self.max_len),
+                np.asarray(targets, dtype=np.int64))

@@ -1,0 +1,60 @@
+"""The one interface every model implements, E4SRec included (RecBole's split of the model).
+
+A model declares which training batches it wants (``training_input``) and implements two methods:
+
+- ``calculate_loss(batch) -> scalar``: one training step's loss;
+- ``full_sort_predict(batch) -> [B, n_items + 1]``: scores of every item (column 0 is padding).
+
+Batches are dicts of tensors. Every batch has ``user`` [B] (row index into the dataset). Then:
+
+- ``training_input == "sequences"``: ``sequence`` [B, max_len + 1], the last training items of each
+  user, left-padded with 0 (inputs ``[:, :-1]``, next-item targets ``[:, 1:]``);
+- ``training_input == "examples"``: ``history`` [B, max_len] left-padded and ``target`` [B];
+- ``training_input == "none"``: the model is fitted by ``fit(data)`` alone (POP).
+
+Scoring batches have ``user`` and ``history`` [B, max_len] (left-padded, last item most recent).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .data import SequenceData
+
+
+class Recommender(nn.Module):
+    """Base class: subclasses set ``training_input`` and implement the two methods."""
+
+    training_input: ClassVar[str] = "sequences"
+    config_class: ClassVar[type] = type(None)  # the model's hyperparameter dataclass
+
+    def __init__(self, n_items: int, n_users: int, max_len: int):
+        super().__init__()
+        self.n_items, self.n_users, self.max_len = n_items, n_users, max_len
+
+    def fit(self, data: SequenceData) -> None:
+        """Optional set-up from the training data before any step (statistics, vocabularies)."""
+
+    def calculate_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss: ``forward`` so that distributed wrappers synchronise gradients."""
+        return self.calculate_loss(batch)
+
+    def full_sort_predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def xavier_init(module: nn.Module) -> None:
+    """Xavier-normal weights for linear and embedding layers, zero biases (the paper's baselines)."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            nn.init.xavier_normal_(sub.weight)
+            if isinstance(sub, nn.Embedding) and sub.padding_idx is not None:
+                with torch.no_grad():
+                    sub.weight[sub.padding_idx].zero_()
+        if isinstance(sub, nn.Linear) and sub.bias is not None:
+            nn.init.zeros_(sub.bias)

@@ -1,0 +1,105 @@
+"""One run = one (dataset, model, variant, seed): build, train, rank, write ranks and record.
+
+A run folder holds ``ranks.parquet`` (the per-user ranks, the source of every metric), ``run.json``
+(provenance, resolved configuration, training history, timings) and, where the model has them,
+``item_embeddings.safetensors`` ([n_items + 1, d], row 0 padding) taken from the checkpoint
+selected on the validation item. Checkpoints live in ``checkpoints/`` (not committed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import provenance
+from .data import SequenceData
+from .evaluate import rank_all
+from .files import InputError, save_tensors, sha256_file, write_json, write_parquet
+from .metrics import all_metrics
+from .recommender import Recommender
+from .trainer import TrainConfig, make_accelerator, train
+
+log = logging.getLogger(__name__)
+
+
+def registry() -> dict[str, str]:
+    from baselines import MODELS
+
+    return {**MODELS, "E4SRec": "e4srec.model:E4SRec"}
+
+
+def model_class(name: str) -> type[Recommender]:
+    models = registry()
+    if name not in models:
+        raise InputError(f"unknown model {name!r}; known models: {', '.join(models)}")
+    module, cls = models[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def model_config(cls: type[Recommender], params: dict, where: str = "config"):
+    """The model's hyperparameter dataclass from a dict; an unknown key is an error that names it."""
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise InputError(f"{where}: unknown parameter(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
+    return cls.config_class(**params)
+
+
+def build_model(name: str, data: SequenceData, params: dict | None = None, **context) -> Recommender:
+    cls = model_class(name)
+    config = model_config(cls, params or {}, f"parameters of {name}")
+    return cls(n_items=data.n_items, n_users=data.n_users, max_len=data.max_len, config=config, **context)
+
+
+def input_checksums(dataset_dir: str | Path) -> dict[str, str]:
+    folder = Path(dataset_dir)
+    return {name: sha256_file(folder / name) for name in ("sequences.parquet", "negatives.parquet", "dataset.json")}
+
+
+def run(dataset_dir: str | Path, model_name: str, out_dir: str | Path, *, variant: str = "default",
+        seed: int = 0, params: dict | None = None, train_params: dict | None = None,
+        ties: str = "pessimistic", progress: bool = True, **context) -> dict:
+    """Train and evaluate one model on one prepared dataset; write the run folder; return its record."""
+    out_dir = Path(out_dir)
+    data = SequenceData.load(dataset_dir)
+    train_config = TrainConfig.from_dict({**(train_params or {}), "seed": seed})
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    model = build_model(model_name, data, params, **context)
+    started = time.perf_counter()
+    training = train(model, data, train_config, out_dir / "checkpoints", progress=progress)
+    device = make_accelerator(train_config).device
+    model.to(device).eval()
+    eval_started = time.perf_counter()
+    ranks = rank_all(model.full_sort_predict, data, train_config.eval_batch_size, device, ties)
+    eval_seconds = time.perf_counter() - eval_started
+    summary = {f"{split}_{protocol}": {f"{m}@{k}" if k else m: v for m, k, v in all_metrics(ranks[f"{split}_{protocol}"])}
+               for split in ("valid", "test") for protocol in ("full", "full_masked", "sampled")}
+    record = provenance.record(
+        dataset=data.name, model=model_name, variant=variant, seed=seed,
+        params=dataclasses.asdict(model_config(type(model), params or {})), training=training,
+        evaluation={"ties": ties, "history_masking": "both (columns full and full_masked)",
+                    "selection": "best validation NDCG@10 (full ranking); the test item is never used for selection",
+                    "seconds": eval_seconds, "users": data.n_users},
+        inputs={"dataset_dir": str(dataset_dir), "sha256": input_checksums(dataset_dir),
+                "raw_sha256": data.record["raw"]["sha256"], "negatives": data.record["negatives"]},
+        metrics=summary, total_seconds=time.perf_counter() - started,
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **{k: str(v) for k, v in context.items()},
+    )
+    if hasattr(model, "export_item_embeddings"):
+        table = model.export_item_embeddings()
+        if tuple(table.shape[:1]) != (data.n_items + 1,):
+            raise ValueError(f"{model_name} exported {tuple(table.shape)} item embeddings, expected {data.n_items + 1} rows")
+        save_tensors(out_dir / "item_embeddings.safetensors", {"item_embeddings": table.float()},
+                     metadata={"dataset": data.name, "model": model_name, "variant": variant, "seed": str(seed),
+                               "selected_epoch": str(training.get("best_epoch")),
+                               "selection": "validation NDCG@10", "n_items": str(data.n_items)})
+    write_parquet(out_dir / "ranks.parquet", ranks)
+    write_json(out_dir / "run.json", record)  # written last: marks the run as complete
+    return record

@@ -1,0 +1,249 @@
+"""The one trainer of the suite: baselines and E4SRec train through :func:`train`.
+
+Adam(W), optional cosine schedule with warmup, validation on the held-out validation item after
+every epoch (full ranking, NDCG@10, no history masking), early stopping with patience, the best
+checkpoint restored at the end. Runs through ``accelerate`` (bf16 autocast on a GPU, fp32 on the
+CPU). Resumable: after each epoch the trainable weights, the optimizer and the trainer state are
+written atomically (safetensors + JSON); each epoch reseeds from (seed, epoch), so a resumed run
+ends with the same weights as an uninterrupted one on the CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import SequenceData
+from .evaluate import rank_split
+from .files import load_tensors, read_json, save_tensors, write_json
+from .metrics import ndcg
+from .recommender import Recommender
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    scheduler: str = "constant"  # or "cosine" (with linear warmup)
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None
+    eval_batch_size: int = 512
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | bf16 | no
+    max_steps_per_epoch: int | None = None  # cap (smoke tests and quick profiles only)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def seed_everything(*seeds: int) -> None:
+    """Seed torch (CPU and GPU) from a tuple of integers."""
+    torch.manual_seed(int(np.random.SeedSequence(list(seeds)).generate_state(1)[0]))
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    use_cpu = config.device == "cpu" or not torch.cuda.is_available()
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for, but no GPU is visible (torch.cuda.is_available() is False)")
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = "no" if use_cpu else "bf16"
+    return Accelerator(cpu=use_cpu, mixed_precision=precision)
+
+
+def training_batches(model: Recommender, data: SequenceData, batch_size: int, seed: int, epoch: int,
+                     device) -> tuple[int, "iter"]:
+    """(number of batches, iterator of batch dicts) for one epoch, shuffled by (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    if model.training_input == "sequences":
+        sequences = data.training_sequences()
+        keep = np.flatnonzero((sequences[:, :-1] > 0).any(axis=1) & (sequences[:, 1:] > 0).any(axis=1))
+        arrays = {"user": keep, "sequence": sequences[keep]}
+    elif model.training_input == "examples":
+        users, histories, targets = data.training_examples()
+        arrays = {"user": users, "history": histories, "target": targets}
+    else:
+        return 0, iter(())
+    order = rng.permutation(len(arrays["user"]))
+    n_batches = math.ceil(len(order) / batch_size)
+
+    def batches():
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            yield {key: torch.from_numpy(np.ascontiguousarray(value[index])).to(device) for key, value in arrays.items()}
+
+    return n_batches, batches()
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and buffers (frozen weights such as a backbone are not saved)."""
+    state, seen = {}, set()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    buffers = {name for name, _ in model.named_buffers()}
+    for name, tensor in model.state_dict().items():
+        if (name in trainable or name in buffers) and tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            state[name] = tensor
+    return state
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    expected = trainable_state(model)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {missing[:3]} ({len(missing)} tensors): it was saved by another model")
+    for name, tensor in state.items():
+        if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state_dict = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in state_dict["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _peak_memory_mb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def validation_ndcg10(model: Recommender, data: SequenceData, config: TrainConfig, device) -> float:
+    model.eval()
+    with torch.no_grad():
+        ranks = rank_split(model.full_sort_predict, data, "valid", config.eval_batch_size, device)["full"]
+    model.train()
+    return ndcg(ranks, 10)
+
+
+def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoint_dir: str | Path,
+          progress: bool = True) -> dict:
+    """Train ``model`` on ``data``; return the training record. The best model is loaded at the end."""
+    checkpoint_dir = Path(checkpoint_dir)
+    accelerator = make_accelerator(config)
+    device = accelerator.device
+    seed_everything(config.seed)
+    model.fit(data)
+    model.to(device)
+    record = {"config": dataclasses.asdict(config), "device": str(device), "epochs": []}
+    if model.training_input == "none":
+        record.update(best_epoch=0, stopped="no training (fitted statistics)", train_seconds=0.0)
+        return record
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay) \
+        if config.weight_decay else torch.optim.Adam(parameters, lr=config.learning_rate)
+    steps_per_epoch, _ = training_batches(model, data, config.batch_size, config.seed, 0, "cpu")
+    if config.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    if config.scheduler == "cosine":
+        from transformers import get_cosine_schedule_with_warmup
+
+        scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
+    else:
+        from transformers import get_constant_schedule_with_warmup
+
+        scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    state = {"epoch": -1, "best_epoch": -1, "best_valid_ndcg10": -1.0, "bad_epochs": 0, "step": 0,
+             "train_seconds": 0.0, "epochs": []}
+    state_path = checkpoint_dir / "state.json"
+    if state_path.exists():  # resume
+        state = read_json(state_path)
+        load_trainable_state(raw_model, load_tensors(checkpoint_dir / "last.safetensors"), checkpoint_dir / "last.safetensors")
+        _load_optimizer(optimizer, load_tensors(checkpoint_dir / "optimizer.safetensors"), state["optimizer"])
+        for _ in range(state["step"]):
+            scheduler.step()
+        log.info("resumed from %s after epoch %d", checkpoint_dir, state["epoch"])
+
+    model.train()
+    for epoch in range(state["epoch"] + 1, config.epochs):
+        if state["bad_epochs"] >= config.patience:
+            break
+        seed_everything(config.seed, epoch)
+        n_batches, batches = training_batches(raw_model, data, config.batch_size, config.seed, epoch, device)
+        n_batches = min(n_batches, config.max_steps_per_epoch or n_batches)
+        started, total_loss, examples = time.perf_counter(), 0.0, 0
+        bar = tqdm(batches, total=n_batches, desc=f"{data.name} epoch {epoch}", disable=not progress, leave=False)
+        for index, batch in enumerate(bar):
+            if index >= n_batches:
+                break
+            with accelerator.autocast():
+                loss = model(batch)  # Recommender.forward is calculate_loss (so DDP wrappers sync)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {state['step']} "
+                                         f"(batch {index}, users {batch['user'][:8].tolist()}...): lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            state["step"] += 1
+            total_loss += loss.item()
+            examples += len(batch["user"])
+            bar.set_postfix(loss=f"{total_loss / (index + 1):.4f}")
+        seconds = time.perf_counter() - started
+        valid = validation_ndcg10(raw_model, data, config, device)
+        improved = valid > state["best_valid_ndcg10"]
+        state["epochs"].append({"epoch": epoch, "loss": total_loss / max(n_batches, 1), "valid_ndcg10": valid,
+                                "seconds": seconds, "examples": examples})
+        state["train_seconds"] += seconds
+        log.info("%s epoch %d: loss %.4f, valid NDCG@10 %.4f, %.1f s", data.name, epoch,
+                 total_loss / max(n_batches, 1), valid, seconds)
+        weights = trainable_state(raw_model)
+        if improved:
+            state.update(best_epoch=epoch, best_valid_ndcg10=valid, bad_epochs=0)
+            save_tensors(checkpoint_dir / "best.safetensors", weights)
+        else:
+            state["bad_epochs"] += 1
+        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+        save_tensors(checkpoint_dir / "last.safetensors", weights)
+        save_tensors(checkpoint_dir / "optimizer.safetensors", opt_tensors)
+        state["epoch"] = epoch
+        state["optimizer"] = opt_meta
+        write_json(state_path, state)  # written last: it marks the epoch as complete
+
+    if state["best_epoch"] >= 0:
+        best = checkpoint_dir / "best.safetensors"
+        load_trainable_state(raw_model, load_tensors(best), best)
+    record.update({k: v for k, v in state.items() if k != "optimizer"})
+    record["stopped"] = "early stopping" if state["bad_epochs"] >= config.patience else "epoch limit"
+    record["peak_memory_mb"] = _peak_memory_mb(device)
+    return record
