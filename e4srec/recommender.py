@@ -12,6 +12,11 @@ Batches are dicts of tensors. Every batch has ``user`` [B] (row index into the d
 - ``training_input == "examples"``: ``history`` [B, max_len] left-padded and ``target`` [B];
 - ``training_input == "none"``: the model is fitted by ``fit(data)`` alone (POP).
 
+``fit(data)`` runs once before training and ``on_epoch_start(data, epoch)`` before each epoch, both
+on the model's device; randomness inside them must come from torch's seeded global generator.
+The constructor is ``Model(n_items, n_users, max_len, config)`` with ``config`` an instance of the
+model's ``config_class`` dataclass (defaults follow the original paper).
+
 Scoring batches have ``user`` and ``history`` [B, max_len] (left-padded, last item most recent).
 """
 from __future__ import annotations
@@ -36,6 +41,9 @@ class Recommender(nn.Module):
 
     def fit(self, data: SequenceData) -> None:
         """Optional set-up from the training data before any step (statistics, vocabularies)."""
+
+    def on_epoch_start(self, data: SequenceData, epoch: int) -> None:
+        """Optional per-epoch work before the epoch's steps (ICLRec's intent clustering)."""
 
     def calculate_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError

@@ -157,8 +157,8 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
     accelerator = make_accelerator(config)
     device = accelerator.device
     seed_everything(config.seed)
-    model.fit(data)
     model.to(device)
+    model.fit(data)  # runs on the model's device (S3-Rec pretrains here)
     record = {"config": dataclasses.asdict(config), "device": str(device), "epochs": []}
     if model.training_input == "none":
         record.update(best_epoch=0, stopped="no training (fitted statistics)", train_seconds=0.0)
@@ -197,6 +197,7 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
         if state["bad_epochs"] >= config.patience:
             break
         seed_everything(config.seed, epoch)
+        raw_model.on_epoch_start(data, epoch)
         n_batches, batches = training_batches(raw_model, data, config.batch_size, config.seed, epoch, device)
         n_batches = min(n_batches, config.max_steps_per_epoch or n_batches)
         started, total_loss, examples = time.perf_counter(), 0.0, 0
