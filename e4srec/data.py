@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import shutil
 import urllib.request
 from pathlib import Path
@@ -117,6 +118,9 @@ def fetch_negatives(name: str, dest: str | Path, mirror: str | None = None) -> d
 # Parsing and validation
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
 def parse_sequences(path: str | Path) -> dict[int, list[int]]:
     """Parse a ``user item item ...`` file; every problem is reported with file and line."""
     path = Path(path)
@@ -125,18 +129,22 @@ def parse_sequences(path: str | Path) -> dict[int, list[int]]:
     text = path.read_bytes()
     if not text.strip():
         raise InputError(f"{path}: file is empty")
+    # Lines end at "\n" only (str.splitlines would also break at \x0b, \x0c, \x1c-\x1e, \x85,
+    # \u2028 and \u2029, inventing lines and shifting every reported line number after them).
+    lines = text.decode("utf-8", errors="replace").split("\n")[:-1]
     if not text.endswith(b"\n"):
-        raise InputError(f"{path}: last line has no newline: the file looks truncated")
+        raise InputError(f"{path}:{len(lines) + 1}: last line has no newline: the file looks truncated")
     sequences: dict[int, list[int]] = {}
-    for line_no, raw in enumerate(text.decode("utf-8", errors="replace").splitlines(), start=1):
+    for line_no, raw in enumerate(lines, start=1):
         tokens = raw.split()
         if not tokens:
             raise InputError(f"{path}:{line_no}: empty line")
-        try:
-            ids = [int(token) for token in tokens]
-        except ValueError:
-            bad = next(t for t in tokens if not t.lstrip("-").isdigit())
-            raise InputError(f"{path}:{line_no}: non-integer token {bad!r}") from None
+        # Plain ASCII decimal integers only: int() alone would also accept "1_000", "+3" or
+        # non-ASCII digits, and silently read a malformed file.
+        bad = next((t for t in tokens if not _INTEGER.fullmatch(t)), None)
+        if bad is not None:
+            raise InputError(f"{path}:{line_no}: non-integer token {bad!r}")
+        ids = [int(token) for token in tokens]
         user, items = ids[0], ids[1:]
         if user in sequences:
             raise InputError(f"{path}:{line_no}: duplicate line for user {user}")
@@ -149,9 +157,14 @@ def parse_sequences(path: str | Path) -> dict[int, list[int]]:
     return sequences
 
 
+SHORT_USER_POLICIES = ("drop", "error")
+
+
 def drop_short_users(sequences: dict[int, list[int]], min_interactions: int, policy: str,
                      path: str | Path = "<sequences>") -> tuple[dict[int, list[int]], int]:
     """Apply the short-user policy: ``drop`` (return the count dropped) or ``error``."""
+    if policy not in SHORT_USER_POLICIES:
+        raise InputError(f"{path}: unknown short-user policy {policy!r}; choose one of {SHORT_USER_POLICIES}")
     short = [u for u, items in sequences.items() if len(items) < min_interactions]
     if short and policy == "error":
         raise InputError(f"{path}: {len(short)} users have fewer than {min_interactions} interactions "
@@ -192,8 +205,10 @@ def draw_negatives(sequences: dict[int, list[int]], n_items: int, n_negatives: i
     return negatives
 
 
-def parse_negatives(path: str | Path, sequences: dict[int, list[int]], n_negatives: int) -> dict[int, list[int]]:
-    """Read an S3-Rec ``_sample.txt`` file; check it covers every user and excludes their history."""
+def parse_negatives(path: str | Path, sequences: dict[int, list[int]], n_negatives: int,
+                    n_items: int | None = None) -> dict[int, list[int]]:
+    """Read an S3-Rec ``_sample.txt`` file; check it covers every user and excludes their history
+    (and, given ``n_items``, that every negative is an item id 1..n_items)."""
     negatives = parse_sequences(path)
     for user, items in sequences.items():
         if user not in negatives:
@@ -202,6 +217,9 @@ def parse_negatives(path: str | Path, sequences: dict[int, list[int]], n_negativ
             raise InputError(f"{path}: user {user} has {len(negatives[user])} negatives, expected {n_negatives}")
         if set(negatives[user]) & set(items):
             raise InputError(f"{path}: negatives of user {user} include items of the user's history")
+        if n_items is not None and max(negatives[user], default=0) > n_items:
+            raise InputError(f"{path}: negatives of user {user} include item {max(negatives[user])}, "
+                             f"beyond the dataset's {n_items} items")
     return {u: negatives[u] for u in sequences}
 
 
@@ -224,18 +242,24 @@ def prepare(name: str, raw_path: str | Path, out_dir: str | Path, *, raw_record:
     """Validate, subsample and fix negatives; write ``sequences.parquet``, ``negatives.parquet``
     and ``dataset.json`` (statistics, sources, policies) into ``out_dir``."""
     out_dir = Path(out_dir)
+    if min_interactions < 2:
+        raise InputError(f"{raw_path}: min_interactions is {min_interactions}; leave-one-out needs at least "
+                         "a validation and a test item per user (2; 3 to leave a training item)")
     full = parse_sequences(raw_path)
-    n_items = max(max(items) for items in full.values() if items)
+    n_items = max((max(items) for items in full.values() if items), default=0)
     full, dropped = drop_short_users(full, min_interactions, short_user_policy, raw_path)
     if not full:
         raise InputError(f"{raw_path}: no user has at least {min_interactions} interactions")
     full_stats = statistics(full, n_items)
     sequences = subsample_users(full, subsample, subsample_seed)
     if negatives_path is not None:
-        negatives = parse_negatives(negatives_path, sequences, n_negatives)
+        negatives = parse_negatives(negatives_path, sequences, n_negatives, n_items)
         negatives_info = {"origin": "downloaded (S3-Rec candidate file, git blob SHA-1 verified)", **(negatives_record or {})}
     else:
-        negatives = draw_negatives(sequences, n_items, n_negatives, negatives_seed)
+        try:
+            negatives = draw_negatives(sequences, n_items, n_negatives, negatives_seed)
+        except InputError as err:
+            raise InputError(f"{raw_path}: {err}") from None
         negatives_info = {"origin": "drawn", "seed": negatives_seed,
                           "method": "uniform over items the user never interacted with, without replacement"}
     users = sorted(sequences)
@@ -259,7 +283,7 @@ def left_pad(rows: list[np.ndarray] | list[list[int]], width: int) -> np.ndarray
     """Right-align each row's last ``width`` items in a zero (padding) matrix [n, width]."""
     out = np.zeros((len(rows), width), dtype=np.int64)
     for i, row in enumerate(rows):
-        row = row[-width:]
+        row = row[len(row) - width:] if len(row) > width else row  # row[-0:] would be the whole row
         if len(row):
             out[i, width - len(row):] = row
     return out

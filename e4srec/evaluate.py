@@ -41,7 +41,12 @@ def _count_above(scores: torch.Tensor, target_scores: torch.Tensor, ties: str) -
 def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
                       history_items: list[np.ndarray], ties: str = "pessimistic") -> dict[str, np.ndarray]:
     """Ranks (from 1) of ``targets`` [B] under the three protocols, from ``scores`` [B, n_items + 1]."""
-    scores = scores.float()
+    # Upcast half precision (and integers) only: rounding float64 scores to float32 would merge
+    # close scores into ties and move ranks.
+    if not scores.is_floating_point():
+        scores = scores.double()
+    elif scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.float()
     if not torch.isfinite(scores[:, 1:]).all():
         raise FloatingPointError("model produced NaN or infinite scores")
     rows = torch.arange(scores.shape[0], device=scores.device)
@@ -50,13 +55,17 @@ def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor, negatives: to
     # The target itself is among the candidates: pessimistic counts it once (>=), optimistic never (>).
     full = _count_above(candidates, target_scores, ties) + (0 if ties == "pessimistic" else 1)
 
-    masked_scores = candidates.clone()
+    # Mask on the full matrix, then drop column 0: a padding id 0 in a history then masks only the
+    # padding column (indexing ``candidates`` with id - 1 would mask the last item instead).
+    masked_full = scores.clone()
     lengths = [len(h) for h in history_items]
     if sum(lengths):
         row_index = torch.repeat_interleave(rows, torch.tensor(lengths, device=scores.device))
-        col_index = torch.from_numpy(np.concatenate(history_items)).to(scores.device) - 1
-        masked_scores[row_index, col_index] = float("-inf")
-    masked_target = masked_scores[rows, targets - 1]
+        # int64 whatever the rows' types: np.concatenate of an int array and an empty list is float64.
+        col_index = torch.from_numpy(np.concatenate([np.asarray(h, dtype=np.int64) for h in history_items]))
+        masked_full[row_index, col_index.to(scores.device)] = float("-inf")
+    masked_scores = masked_full[:, 1:]
+    masked_target = masked_full[rows, targets]
     masked = _count_above(masked_scores, masked_target, ties) + (0 if ties == "pessimistic" else 1)
     # A masked target (score -inf) ranks last, whatever the tie policy.
     masked = torch.where(torch.isinf(masked_target), torch.full_like(masked, candidates.shape[1]), masked)

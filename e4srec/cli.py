@@ -1,0 +1,179 @@
+"""The ``e4srec`` command: one subcommand per stage (the Snakemake rules call these).
+
+Every subcommand exits non-zero with a one-line message naming the file and the problem on bad
+input, and writes its outputs atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .files import InputError, read_json, write_json
+
+log = logging.getLogger("e4srec")
+
+
+def _json_arg(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def cmd_fetch(args) -> None:
+    from . import data
+
+    record = data.fetch_dataset(args.dataset, args.out, mirror=args.mirror, path=args.path)
+    negatives_dir = Path(args.negatives_dir)
+    negatives_dir.mkdir(parents=True, exist_ok=True)
+    record["negatives"] = None
+    if args.negatives == "auto" and not args.path:
+        found = data.fetch_negatives(args.dataset, negatives_dir / f"{args.dataset}_sample.txt", args.mirror)
+        if found:
+            record["negatives"] = {**found, "file": f"{args.dataset}_sample.txt"}
+    write_json(args.record, record)
+    log.info("%s: sha256 %s (%s)", args.dataset, record["sha256"],
+             "verified" if record["checksum_verified"] else "recorded, not checked")
+
+
+def cmd_prepare(args) -> None:
+    from . import data
+
+    raw_record = read_json(args.record)
+    negatives = raw_record.get("negatives")
+    record = data.prepare(
+        args.dataset, args.raw, args.out, raw_record=raw_record, max_len=args.max_len,
+        min_interactions=args.min_interactions, short_user_policy=args.short_user_policy,
+        subsample=args.subsample, subsample_seed=args.subsample_seed, n_negatives=args.negatives_count,
+        negatives_seed=args.negatives_seed,
+        negatives_path=Path(args.negatives_dir) / negatives["file"] if negatives else None,
+        negatives_record=negatives)
+    log.info("%s: %s", args.dataset, record["statistics"])
+
+
+def cmd_train(args) -> None:
+    from . import runs
+
+    context = {}
+    if args.backbone:
+        context["backbone_dir"] = args.backbone
+    if args.item_embeddings:
+        context["item_embeddings"] = args.item_embeddings
+    record = runs.run(args.dataset_dir, args.model, args.out, variant=args.variant, seed=args.seed,
+                      params=args.params, train_params=args.train_params, ties=args.ties,
+                      progress=not args.no_progress, **context)
+    test = record["metrics"]["test_full"]
+    log.info("%s %s/%s seed %d: test HR@10 %.4f NDCG@10 %.4f", record["dataset"], args.model, args.variant,
+             args.seed, test["HR@10"], test["NDCG@10"])
+
+
+def cmd_metrics(args) -> None:
+    from . import tables
+
+    tables.write_metrics(args.runs, args.out)
+
+
+def cmd_tables(args) -> None:
+    from . import tables
+
+    tables.write_paper_tables(args.metrics, args.paper, args.out_dir, datasets=args.datasets)
+
+
+def cmd_table2(args) -> None:
+    from . import tables
+
+    tables.write_table2(args.records, args.paper, args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="e4srec", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fetch", help="download (or copy from a mirror) and verify one dataset file")
+    p.add_argument("--dataset", required=True, help="known benchmark name or custom name")
+    p.add_argument("--out", required=True, help="where the verified file goes")
+    p.add_argument("--record", required=True, help="JSON record of source and checksum")
+    p.add_argument("--negatives-dir", required=True, help="folder for the S3-Rec negatives file, if reachable")
+    p.add_argument("--mirror", help="local folder or URL base holding the files (default: canonical URL)")
+    p.add_argument("--path", help="a custom dataset's file (checksum recorded, not checked)")
+    p.add_argument("--negatives", choices=["auto", "draw"], default="auto",
+                   help="auto: try to download S3-Rec's candidate file; draw: do not")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("prepare", help="validate, subsample, split and fix negatives of one dataset")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--raw", required=True, help="the fetched file")
+    p.add_argument("--record", required=True, help="its fetch record")
+    p.add_argument("--negatives-dir", required=True)
+    p.add_argument("--out", required=True, help="output folder (sequences, negatives, dataset.json)")
+    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--min-interactions", type=int, default=3)
+    p.add_argument("--short-user-policy", choices=["drop", "error"], default="drop")
+    p.add_argument("--subsample", type=int, default=None, help="keep a seeded sample of this many users")
+    p.add_argument("--subsample-seed", type=int, default=0)
+    p.add_argument("--negatives-count", type=int, default=99)
+    p.add_argument("--negatives-seed", type=int, default=2023)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train and evaluate one model on one dataset (one run folder)")
+    p.add_argument("--dataset-dir", required=True, help="prepared dataset folder")
+    p.add_argument("--model", required=True, help="POP, BPR, ..., SASRec, ..., E4SRec")
+    p.add_argument("--variant", default="default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--params", type=_json_arg, default={}, help="model parameters, a JSON object")
+    p.add_argument("--train-params", type=_json_arg, default={}, help="trainer settings, a JSON object")
+    p.add_argument("--ties", choices=["pessimistic", "optimistic"], default="pessimistic")
+    p.add_argument("--backbone", help="E4SRec: resolved backbone folder")
+    p.add_argument("--item-embeddings", help="E4SRec: item embeddings safetensors")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("metrics", help="metrics of every run, long form CSV, from the ranks files")
+    p.add_argument("--runs", nargs="+", required=True, help="run folders (ranks.parquet + run.json)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("tables", help="Tables 3 and 6 (CSV, Markdown, LaTeX) beside the paper's values")
+    p.add_argument("--metrics", required=True)
+    p.add_argument("--paper", required=True, help="paper_targets.tsv")
+    p.add_argument("--datasets", nargs="*", help="datasets in table order")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("table2", help="Table 2, dataset statistics beside the paper's")
+    p.add_argument("--records", nargs="+", required=True, help="dataset.json files")
+    p.add_argument("--paper", required=True, help="paper_table2.tsv")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_table2)
+
+    try:
+        from . import commands
+    except ImportError:
+        commands = None
+    if commands is not None:
+        commands.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except (InputError, FileNotFoundError, FloatingPointError) as err:
+        print(f"e4srec {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Metrics and tables from the per-user ranks files, with the paper's values beside ours.
+
+Long-form CSV (dataset, model, variant, protocol, metric, k, value, plus seed / paper_value where
+they apply) is the table; Markdown and LaTeX renderings are views of it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import provenance
+from .data import paper_name
+from .files import atomic_path, read_json, write_json, write_text
+from .metrics import all_metrics
+
+SPLITS = ("valid", "test")
+PROTOCOLS = ("full", "full_masked", "sampled")
+TABLE3 = {"protocol": "full", "metrics": [("HR", 5), ("HR", 10), ("HR", 20), ("NDCG", 5), ("NDCG", 10), ("NDCG", 20)]}
+TABLE6 = {"protocol": "sampled", "metrics": [("HR", 1), ("HR", 5), ("NDCG", 5), ("HR", 10), ("NDCG", 10), ("MRR", None)]}
+POLICY_NOTE = ("Ranks count ties pessimistically (rank = 1 + candidates scoring at least as high). "
+               "full: all items, history not masked (paper-faithful default); full_masked: the user's "
+               "history removed from the candidates (the official inference script); sampled: the target "
+               "against 99 negatives.")
+
+
+def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
+    with atomic_path(path, suffix=".csv") as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+
+
+def run_metrics(run_dir: str | Path) -> pd.DataFrame:
+    """Every metric of one run folder, long form, from its ranks file."""
+    run_dir = Path(run_dir)
+    record = read_json(run_dir / "run.json")
+    ranks = pd.read_parquet(run_dir / "ranks.parquet")
+    rows = []
+    for split in SPLITS:
+        for protocol in PROTOCOLS:
+            for metric, k, value in all_metrics(ranks[f"{split}_{protocol}"].to_numpy()):
+                rows.append({"dataset": record["dataset"], "model": record["model"], "variant": record["variant"],
+                             "seed": record["seed"], "split": split, "protocol": protocol, "metric": metric,
+                             "k": k, "value": value})
+    frame = pd.DataFrame(rows)
+    frame["k"] = frame["k"].astype("Int64")
+    return frame
+
+
+def write_metrics(run_dirs: list[str], out: str | Path) -> pd.DataFrame:
+    frame = pd.concat([run_metrics(d) for d in run_dirs], ignore_index=True)
+    write_csv(out, frame)
+    return frame
+
+
+def _paper_values(paper_tsv: str | Path, table: str) -> pd.DataFrame:
+    paper = pd.read_csv(paper_tsv, sep="\t")
+    paper = paper[paper["table"] == table].rename(columns={"value": "paper_value", "dataset": "paper_dataset"})
+    paper["k"] = paper["k"].astype("Int64")
+    return paper[["paper_dataset", "model", "metric", "k", "paper_value"]]
+
+
+def paper_table(metrics: pd.DataFrame, paper_tsv: str | Path, table: str, spec: dict,
+                protocols: tuple[str, ...]) -> pd.DataFrame:
+    """Mean over seeds of the test metrics of one table, with the paper's value and the difference."""
+    wanted = pd.DataFrame(spec["metrics"], columns=["metric", "k"]).astype({"k": "Int64"})
+    test = metrics[(metrics["split"] == "test") & metrics["protocol"].isin(protocols)]
+    test = test.merge(wanted, on=["metric", "k"])
+    grouped = test.groupby(["dataset", "model", "variant", "protocol", "metric", "k"], dropna=False)["value"]
+    frame = grouped.agg(value="mean", std="std", seeds="count").reset_index()
+    frame["paper_dataset"] = frame["dataset"].map(paper_name)
+    frame = frame.merge(_paper_values(paper_tsv, table), on=["paper_dataset", "model", "metric", "k"], how="left")
+    frame.loc[frame["variant"] != "default", "paper_value"] = np.nan  # the paper ran only the default
+    frame["difference"] = frame["value"] - frame["paper_value"]
+    frame["relative_difference"] = frame["difference"] / frame["paper_value"]
+    return frame.drop(columns="paper_dataset")
+
+
+def _metric_label(metric: str, k) -> str:
+    return metric if pd.isna(k) else f"{metric}@{int(k)}"
+
+
+def to_wide(frame: pd.DataFrame, datasets: list[str] | None = None) -> pd.DataFrame:
+    """Rows model (variant), columns dataset / metric, cells 'ours (paper)'."""
+    frame = frame.copy()
+    frame["row"] = np.where(frame["variant"] == "default", frame["model"], frame["model"] + " (" + frame["variant"] + ")")
+    frame["column"] = frame["dataset"].map(paper_name) + " " + [_metric_label(m, k) for m, k in zip(frame["metric"], frame["k"])]
+    frame["cell"] = [f"{v:.4f}" + ("" if pd.isna(p) else f" ({p:.4f})") for v, p in zip(frame["value"], frame["paper_value"])]
+    order = datasets or list(dict.fromkeys(frame["dataset"]))
+    columns = [c for d in order for c in dict.fromkeys(frame.loc[frame["dataset"] == d, "column"])]
+    rows = list(dict.fromkeys(frame["row"]))
+    return frame.pivot(index="row", columns="column", values="cell").reindex(index=rows, columns=columns)
+
+
+def render(frame: pd.DataFrame, title: str, out_stem: Path, datasets: list[str] | None) -> None:
+    """CSV (long form), Markdown and LaTeX views of one table, with a provenance sidecar."""
+    write_csv(out_stem.with_suffix(".csv"), frame)
+    sections, latex = [f"# {title}\n\nCells: ours (paper). {POLICY_NOTE}\n"], []
+    for protocol, part in frame.groupby("protocol", sort=False):
+        wide = to_wide(part, datasets)
+        sections.append(f"\n## protocol: {protocol}\n\n" + wide.to_markdown() + "\n")
+        latex.append(f"% protocol: {protocol}\n" + wide.to_latex(escape=True, na_rep="--"))
+    write_text(out_stem.with_suffix(".md"), "".join(sections))
+    write_text(out_stem.with_suffix(".tex"), f"% {title}\n% {POLICY_NOTE}\n" + "\n".join(latex))
+    write_json(out_stem.with_suffix(".provenance.json"), provenance.record(table=title))
+
+
+def write_paper_tables(metrics_csv: str | Path, paper_tsv: str | Path, out_dir: str | Path,
+                       datasets: list[str] | None = None) -> None:
+    metrics = pd.read_csv(metrics_csv, dtype={"k": "Int64"})
+    out_dir = Path(out_dir)
+    table3 = paper_table(metrics, paper_tsv, "table3", TABLE3, ("full", "full_masked"))
+    render(table3, "Table 3: full ranking (test item)", out_dir / "table3", datasets)
+    table6 = paper_table(metrics, paper_tsv, "table6", TABLE6, ("sampled",))
+    render(table6, "Table 6: 99 sampled negatives (test item)", out_dir / "table6", datasets)
+
+
+def write_table2(records: list[str], paper_tsv: str | Path, out: str | Path) -> pd.DataFrame:
+    """Table 2 from dataset.json records: statistics of the whole file beside the paper's, and of
+    the sample the profile actually ran (equal to the whole file unless subsample_users is set)."""
+    paper = pd.read_csv(paper_tsv, sep="\t")
+    rows = []
+    for path in records:
+        record = read_json(path)
+        for statistic, value in record["full_statistics"].items():
+            match = paper[(paper["dataset"] == record["name"]) & (paper["statistic"] == statistic)]
+            paper_value = float(match["value"].iloc[0]) if len(match) else np.nan
+            rows.append({"dataset": record["name"], "statistic": statistic, "value": value,
+                         "paper_value": paper_value, "difference": value - paper_value,
+                         "profile_value": record["statistics"][statistic],
+                         "negatives": record["negatives"]["origin"]})
+    frame = pd.DataFrame(rows)
+    write_csv(out, frame)
+    wide = frame.pivot(index="dataset", columns="statistic", values="value")
+    write_text(Path(out).with_suffix(".md"), "# Table 2: dataset statistics (whole files)\n\n" + wide.to_markdown() + "\n")
+    return frame

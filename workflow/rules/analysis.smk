@@ -1,0 +1,27 @@
+# Analysis: every metric of every run, from the per-user ranks (the one source of truth).
+
+
+def all_runs():
+    runs = [run_dir(*run) for run in baseline_runs()]
+    return runs + e4srec_runs()
+
+
+rule metrics:
+    input:
+        ranks=[f"{run}/ranks.parquet" for run in all_runs()],
+        records=[f"{run}/run.json" for run in all_runs()],
+    output:
+        f"{OUT}/tables/metrics.csv",
+    params:
+        runs=all_runs(),
+    log:
+        f"{OUT}/logs/metrics.log",
+    conda:
+        "../envs/e4srec.yaml"
+    shell:
+        "e4srec metrics --runs {params.runs} --out {output} 2> {log}"
+
+
+rule analysis:
+    input:
+        rules.metrics.output,

@@ -1,0 +1,61 @@
+# Helpers shared by the rules (no rules here): paths, run lists and per-run parameters.
+import json
+from pathlib import Path
+
+KNOWN_DATASETS = ["Beauty", "Sports_and_Outdoors", "Toys_and_Games", "Yelp"]
+EMBEDDING_MODELS = ["SASRec", "BPR"]  # baselines whose item embeddings E4SRec can take
+OUT = config["out"]
+RES = config["resources"]
+
+for _name in config["datasets"]:
+    if _name not in KNOWN_DATASETS and _name not in config["custom_datasets"]:
+        raise ValueError(f"config key 'datasets': unknown dataset {_name!r}; known: {KNOWN_DATASETS}, "
+                         f"or add it under 'custom_datasets' as name: path")
+
+
+def as_json(value):
+    """A JSON argument for the shell (single-quoted by the rule)."""
+    return json.dumps(value, sort_keys=True)
+
+
+def dataset_dir(dataset):
+    return f"{OUT}/data/{dataset}"
+
+
+def dataset_files(wildcards):
+    folder = dataset_dir(wildcards.dataset)
+    return {"sequences": f"{folder}/sequences.parquet", "negatives": f"{folder}/negatives.parquet",
+            "record": f"{folder}/dataset.json"}
+
+
+def run_dir(dataset, model, variant, seed):
+    return f"{OUT}/runs/{dataset}/{model}/{variant}/seed~{seed}"
+
+
+def baseline_runs():
+    """(dataset, model, variant, seed) of every baseline run of this profile."""
+    runs = []
+    for dataset in config["datasets"]:
+        for model in config["baselines"]["models"]:
+            variants = ["default"] + list(config["baselines"]["variants"].get(model, {}))
+            for variant in variants:
+                seeds = [0] if model == "POP" else config["seeds"]
+                runs += [(dataset, model, variant, seed) for seed in seeds]
+    return runs
+
+
+def baseline_params(wildcards):
+    params = dict(config["baselines"]["params"].get(wildcards.model, {}))
+    if wildcards.variant != "default":
+        params.update(config["baselines"]["variants"][wildcards.model][wildcards.variant])
+    return as_json(params)
+
+
+def baseline_train_params(wildcards):
+    import importlib
+    from e4srec.runs import model_class
+
+    model_module = importlib.import_module(model_class(wildcards.model).__module__)
+    settings = {"device": config["device"], **getattr(model_module, "TRAIN_DEFAULTS", {}),
+                **config["baselines"]["train"], **config["baselines"]["train_overrides"].get(wildcards.model, {})}
+    return as_json(settings)

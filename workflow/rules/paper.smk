@@ -1,0 +1,26 @@
+# The paper's tables, rendered as CSV (long form), Markdown and LaTeX beside the paper's values.
+
+
+rule paper_tables:
+    input:
+        metrics=rules.metrics.output,
+        paper="paper/paper_targets.tsv",
+    output:
+        multiext(f"{OUT}/tables/table3", ".csv", ".md", ".tex"),
+        multiext(f"{OUT}/tables/table6", ".csv", ".md", ".tex"),
+    params:
+        out_dir=f"{OUT}/tables",
+        datasets=config["datasets"],
+    log:
+        f"{OUT}/logs/paper_tables.log",
+    conda:
+        "../envs/e4srec.yaml"
+    shell:
+        "e4srec tables --metrics {input.metrics} --paper {input.paper} --datasets {params.datasets} "
+        "--out-dir {params.out_dir} 2> {log}"
+
+
+rule paper:
+    input:
+        rules.table2.output,
+        rules.paper_tables.output,
