@@ -29,7 +29,7 @@ def random_sequences(n_users: int, n_items: int, seed: int, min_len: int = 3, ma
         length = int(rng.integers(min_len, max_len + 1))
         sequences[user] = [int(i) for i in rng.choice(np.arange(1, n_items + 1), size=length, replace=False)]
     if all(n_items not in items for items in sequences.values()):
-        sequences[1][0] = n_items if n_items not in sequences[1] else sequences[1][0]
+        sequences[1][0] = n_items
     return sequences
 
 

@@ -1,11 +1,6 @@
 # Analysis: every metric of every run, from the per-user ranks (the one source of truth).
 
 
-def all_runs():
-    runs = [run_dir(*run) for run in baseline_runs()]
-    return runs + e4srec_runs()
-
-
 rule metrics:
     input:
         ranks=[f"{run}/ranks.parquet" for run in all_runs()],

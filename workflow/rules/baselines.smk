@@ -3,7 +3,7 @@
 TRAIN_SHELL = (
     "e4srec train --dataset-dir {params.dataset_dir} --model {wildcards.model} --variant {wildcards.variant} "
     "--seed {wildcards.seed} --params '{params.model_params}' --train-params '{params.train_params}' "
-    "--ties {config[ties]} --out {params.out} --no-progress 2> {log}"
+    "--ties {params.ties} --out {params.out} --no-progress 2> {log}"
 )
 
 
@@ -19,7 +19,8 @@ rule train_baseline:
         dataset_dir=lambda wildcards: dataset_dir(wildcards.dataset),
         model_params=baseline_params,
         train_params=baseline_train_params,
-        out=lambda wildcards: run_dir(wildcards.dataset, wildcards.model, wildcards.variant, wildcards.seed),
+        out=lambda wildcards, output: Path(output.ranks).parent,
+        ties=config["ties"],
     log:
         f"{OUT}/logs/runs/{{dataset}}/{{model}}/{{variant}}/seed~{{seed}}.log",
     benchmark:

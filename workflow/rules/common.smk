@@ -59,3 +59,21 @@ def baseline_train_params(wildcards):
     settings = {"device": config["device"], **getattr(model_module, "TRAIN_DEFAULTS", {}),
                 **config["baselines"]["train"], **config["baselines"]["train_overrides"].get(wildcards.model, {})}
     return as_json(settings)
+
+
+def fetch_source(wildcards):
+    if wildcards.dataset in config["custom_datasets"]:
+        return f"--path {config['custom_datasets'][wildcards.dataset]}"
+    return f"--mirror {config['data_mirror']}" if config["data_mirror"] else ""
+
+
+def e4srec_runs():
+    if not config["e4srec"]["enabled"]:
+        return []
+    return [run_dir(d, "E4SRec", "default", s) for d in config["datasets"] for s in config["e4srec"]["seeds"]]
+
+
+def all_runs():
+    runs = [run_dir(*run) for run in baseline_runs()]
+    return runs + e4srec_runs()
+

@@ -1,12 +1,6 @@
 # Datasets: fetch (URL or mirror, checksum-verified), validate and split, Table 2.
 
 
-def fetch_source(wildcards):
-    if wildcards.dataset in config["custom_datasets"]:
-        return f"--path {config['custom_datasets'][wildcards.dataset]}"
-    return f"--mirror {config['data_mirror']}" if config["data_mirror"] else ""
-
-
 rule fetch_dataset:
     output:
         raw=f"{RES}/raw/{{dataset}}.txt",
@@ -34,18 +28,24 @@ rule prepare_dataset:
         negatives=f"{OUT}/data/{{dataset}}/negatives.parquet",
         record=f"{OUT}/data/{{dataset}}/dataset.json",
     params:
-        out=lambda wildcards: dataset_dir(wildcards.dataset),
+        out=lambda wildcards, output: Path(output.record).parent,
         subsample=f"--subsample {config['subsample_users']}" if config["subsample_users"] else "",
+        max_len=config["max_len"],
+        min_interactions=config["min_interactions"],
+        short_user_policy=config["short_user_policy"],
+        subsample_seed=config["subsample_seed"],
+        negatives_count=config["negatives"]["count"],
+        negatives_seed=config["negatives"]["seed"],
     log:
         f"{OUT}/logs/prepare/{{dataset}}.log",
     conda:
         "../envs/e4srec.yaml"
     shell:
         "e4srec prepare --dataset {wildcards.dataset} --raw {input.raw} --record {input.record} "
-        "--negatives-dir {input.negatives} --out {params.out} --max-len {config[max_len]} "
-        "--min-interactions {config[min_interactions]} --short-user-policy {config[short_user_policy]} "
-        "{params.subsample} --subsample-seed {config[subsample_seed]} "
-        "--negatives-count {config[negatives][count]} --negatives-seed {config[negatives][seed]} 2> {log}"
+        "--negatives-dir {input.negatives} --out {params.out} --max-len {params.max_len} "
+        "--min-interactions {params.min_interactions} --short-user-policy {params.short_user_policy} "
+        "{params.subsample} --subsample-seed {params.subsample_seed} "
+        "--negatives-count {params.negatives_count} --negatives-seed {params.negatives_seed} 2> {log}"
 
 
 rule table2:

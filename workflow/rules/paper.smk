@@ -9,7 +9,7 @@ rule paper_tables:
         multiext(f"{OUT}/tables/table3", ".csv", ".md", ".tex"),
         multiext(f"{OUT}/tables/table6", ".csv", ".md", ".tex"),
     params:
-        out_dir=f"{OUT}/tables",
+        out_dir=lambda wildcards, output: Path(output[0]).parent,
         datasets=config["datasets"],
     log:
         f"{OUT}/logs/paper_tables.log",
