@@ -54,7 +54,13 @@ def test_all_tied_scores():
 def test_padding_never_a_candidate_even_when_nan():
     row = [float("nan"), 1.0, 3.0, 3.0, 2.0, 0.0]
     assert ranks(row, [2])["full"] == [2]
-    assert ranks(row, [2], histories=[np.array([0, 3])])["full_masked"] == [1]  # a 0 masks nothing real
+    assert ranks(row, [2], ties="optimistic")["full"] == [1]
+
+
+def test_padding_id_in_a_history_masks_no_item():
+    row = [0.0, 1.0, 3.0, 3.0, 2.0, 8.0]  # the last item scores highest
+    assert ranks(row, [2])["full"] == [3]
+    assert ranks(row, [2], histories=[np.array([0, 3])])["full_masked"] == [2]  # item 5 stays a candidate
 
 
 def test_history_masking():
