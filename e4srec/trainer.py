@@ -14,6 +14,7 @@ import logging
 import math
 import resource
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -188,8 +189,10 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
         state = read_json(state_path)
         load_trainable_state(raw_model, load_tensors(checkpoint_dir / "last.safetensors"), checkpoint_dir / "last.safetensors")
         _load_optimizer(optimizer, load_tensors(checkpoint_dir / "optimizer.safetensors"), state["optimizer"])
-        for _ in range(state["step"]):
-            scheduler.step()
+        with warnings.catch_warnings():  # replaying the schedule before any optimizer step is intended
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            for _ in range(state["step"]):
+                scheduler.step()
         log.info("resumed from %s after epoch %d", checkpoint_dir, state["epoch"])
 
     model.train()
@@ -245,6 +248,7 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
         best = checkpoint_dir / "best.safetensors"
         load_trainable_state(raw_model, load_tensors(best), best)
     record.update({k: v for k, v in state.items() if k != "optimizer"})
-    record["stopped"] = "early stopping" if state["bad_epochs"] >= config.patience else "epoch limit"
+    early = state["bad_epochs"] >= config.patience and state["epoch"] < config.epochs - 1
+    record["stopped"] = "early stopping" if early else "epoch limit"
     record["peak_memory_mb"] = _peak_memory_mb(device)
     return record
