@@ -82,7 +82,14 @@ def cmd_metrics(args) -> None:
 def cmd_tables(args) -> None:
     from . import tables
 
-    tables.write_paper_tables(args.metrics, args.paper, args.out_dir, datasets=args.datasets)
+    tables.write_paper_tables(args.metrics, args.paper, args.out_dir, datasets=args.datasets,
+                              intervals_csv=args.intervals, significance_csv=args.significance)
+
+
+def cmd_significance(args) -> None:
+    from . import significance
+
+    significance.write_significance(args.runs, args.out, args.intervals_out)
 
 
 def cmd_table2(args) -> None:
@@ -145,8 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", required=True)
     p.add_argument("--paper", required=True, help="paper_targets.tsv")
     p.add_argument("--datasets", nargs="*", help="datasets in table order")
+    p.add_argument("--intervals", help="bootstrap intervals CSV (from `e4srec significance`)")
+    p.add_argument("--significance", help="significance CSV (from `e4srec significance`)")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("significance", help="paired tests of E4SRec vs each baseline, bootstrap intervals")
+    p.add_argument("--runs", nargs="+", required=True, help="run folders")
+    p.add_argument("--out", required=True, help="tests CSV")
+    p.add_argument("--intervals-out", required=True, help="intervals CSV")
+    p.set_defaults(func=cmd_significance)
 
     p = sub.add_parser("table2", help="Table 2, dataset statistics beside the paper's")
     p.add_argument("--records", nargs="+", required=True, help="dataset.json files")

@@ -85,7 +85,9 @@ def to_wide(frame: pd.DataFrame, datasets: list[str] | None = None) -> pd.DataFr
     frame = frame.copy()
     frame["row"] = np.where(frame["variant"] == "default", frame["model"], frame["model"] + " (" + frame["variant"] + ")")
     frame["column"] = frame["dataset"].map(paper_name) + " " + [_metric_label(m, k) for m, k in zip(frame["metric"], frame["k"])]
-    frame["cell"] = [f"{v:.4f}" + ("" if pd.isna(p) else f" ({p:.4f})") for v, p in zip(frame["value"], frame["paper_value"])]
+    marks = frame["significant_vs_best_baseline"] if "significant_vs_best_baseline" in frame else pd.Series(pd.NA, index=frame.index)
+    frame["cell"] = [f"{v:.4f}" + ("*" if m is True else "") + ("" if pd.isna(p) else f" ({p:.4f})")
+                     for v, p, m in zip(frame["value"], frame["paper_value"], marks)]
     order = datasets or list(dict.fromkeys(frame["dataset"]))
     columns = [c for d in order for c in dict.fromkeys(frame.loc[frame["dataset"] == d, "column"])]
     rows = list(dict.fromkeys(frame["row"]))
@@ -95,7 +97,10 @@ def to_wide(frame: pd.DataFrame, datasets: list[str] | None = None) -> pd.DataFr
 def render(frame: pd.DataFrame, title: str, out_stem: Path, datasets: list[str] | None) -> None:
     """CSV (long form), Markdown and LaTeX views of one table, with a provenance sidecar."""
     write_csv(out_stem.with_suffix(".csv"), frame)
-    sections, latex = [f"# {title}\n\nCells: ours (paper). {POLICY_NOTE}\n"], []
+    sections = [f"# {title}\n\nCells: ours, mean over seeds (paper). * marks an E4SRec cell significantly better than the "
+                f"best baseline (paired Wilcoxon, Holm-corrected p < {SIGNIFICANCE_LEVEL}). Verdicts and 95% bootstrap "
+                f"intervals are in the CSV. {POLICY_NOTE}\n"]
+    latex = []
     for protocol, part in frame.groupby("protocol", sort=False):
         wide = to_wide(part, datasets)
         sections.append(f"\n## protocol: {protocol}\n\n" + wide.to_markdown() + "\n")
@@ -105,13 +110,44 @@ def render(frame: pd.DataFrame, title: str, out_stem: Path, datasets: list[str] 
     write_json(out_stem.with_suffix(".provenance.json"), provenance.record(table=title))
 
 
+TOLERANCE = 0.10  # a cell reproduces the paper if within 10% relative, or the paper's value lies in our 95% interval
+SIGNIFICANCE_LEVEL = 0.01  # the paper's claim: p < 0.01 against the best baseline
+
+
+def add_verdicts(frame: pd.DataFrame, intervals: pd.DataFrame | None, significance: pd.DataFrame | None) -> pd.DataFrame:
+    """Bootstrap intervals, a verdict per cell, and significance marks of E4SRec's cells."""
+    keys = ["dataset", "model", "variant", "protocol", "metric", "k"]
+    if intervals is not None and len(intervals):
+        frame = frame.merge(intervals[keys + ["ci_low", "ci_high"]], on=keys, how="left")
+    else:
+        frame["ci_low"] = frame["ci_high"] = np.nan
+    inside = (frame["paper_value"] >= frame["ci_low"]) & (frame["paper_value"] <= frame["ci_high"])
+    close = frame["relative_difference"].abs() <= TOLERANCE
+    frame["verdict"] = np.select([frame["paper_value"].isna(), inside | close, frame["difference"] > 0],
+                                 ["no paper value", "reproduced", "higher than paper"], "lower than paper")
+    frame["significant_vs_best_baseline"] = pd.NA
+    if significance is not None and len(significance):
+        for index, row in frame[frame["model"] == "E4SRec"].iterrows():
+            tests = significance[(significance["dataset"] == row["dataset"]) & (significance["protocol"] == row["protocol"])
+                                 & (significance["metric"] == row["metric"])
+                                 & (significance["k"].astype("Int64") == row["k"] if not pd.isna(row["k"]) else significance["k"].isna())]
+            if len(tests):
+                best = tests.loc[tests["baseline_value"].idxmax()]
+                frame.loc[index, "significant_vs_best_baseline"] = bool(
+                    best["wilcoxon_p_holm"] < SIGNIFICANCE_LEVEL and best["mean_difference"] > 0)
+    return frame
+
+
 def write_paper_tables(metrics_csv: str | Path, paper_tsv: str | Path, out_dir: str | Path,
-                       datasets: list[str] | None = None) -> None:
+                       datasets: list[str] | None = None, intervals_csv: str | Path | None = None,
+                       significance_csv: str | Path | None = None) -> None:
     metrics = pd.read_csv(metrics_csv, dtype={"k": "Int64"})
+    intervals = pd.read_csv(intervals_csv, dtype={"k": "Int64"}) if intervals_csv else None
+    significance = pd.read_csv(significance_csv, dtype={"k": "Int64"}) if significance_csv else None
     out_dir = Path(out_dir)
-    table3 = paper_table(metrics, paper_tsv, "table3", TABLE3, ("full", "full_masked"))
+    table3 = add_verdicts(paper_table(metrics, paper_tsv, "table3", TABLE3, ("full", "full_masked")), intervals, significance)
     render(table3, "Table 3: full ranking (test item)", out_dir / "table3", datasets)
-    table6 = paper_table(metrics, paper_tsv, "table6", TABLE6, ("sampled",))
+    table6 = add_verdicts(paper_table(metrics, paper_tsv, "table6", TABLE6, ("sampled",)), intervals, significance)
     render(table6, "Table 6: 99 sampled negatives (test item)", out_dir / "table6", datasets)
 
 

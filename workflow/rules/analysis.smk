@@ -17,6 +17,23 @@ rule metrics:
         "e4srec metrics --runs {params.runs} --out {output} 2> {log}"
 
 
+rule significance:
+    input:
+        ranks=[f"{run}/ranks.parquet" for run in all_runs()],
+    output:
+        tests=f"{OUT}/tables/significance.csv",
+        intervals=f"{OUT}/tables/intervals.csv",
+    params:
+        runs=all_runs(),
+    log:
+        f"{OUT}/logs/significance.log",
+    conda:
+        "../envs/e4srec.yaml"
+    shell:
+        "e4srec significance --runs {params.runs} --out {output.tests} --intervals-out {output.intervals} 2> {log}"
+
+
 rule analysis:
     input:
         rules.metrics.output,
+        rules.significance.output,

@@ -4,6 +4,8 @@
 rule paper_tables:
     input:
         metrics=rules.metrics.output,
+        intervals=rules.significance.output.intervals,
+        significance=rules.significance.output.tests,
         paper="paper/paper_targets.tsv",
     output:
         multiext(f"{OUT}/tables/table3", ".csv", ".md", ".tex"),
@@ -17,7 +19,7 @@ rule paper_tables:
         "../envs/e4srec.yaml"
     shell:
         "e4srec tables --metrics {input.metrics} --paper {input.paper} --datasets {params.datasets} "
-        "--out-dir {params.out_dir} 2> {log}"
+        "--intervals {input.intervals} --significance {input.significance} --out-dir {params.out_dir} 2> {log}"
 
 
 rule paper:
