@@ -92,6 +92,18 @@ def cmd_significance(args) -> None:
     significance.write_significance(args.runs, args.out, args.intervals_out)
 
 
+def cmd_sparsity(args) -> None:
+    from . import analysis
+
+    analysis.write_sparsity(args.runs, args.datasets, args.out, args.figure, models=args.models or None)
+
+
+def cmd_protocols(args) -> None:
+    from . import analysis
+
+    analysis.write_protocols(args.runs, args.out, args.flips_out)
+
+
 def cmd_table2(args) -> None:
     from . import tables
 
@@ -162,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="tests CSV")
     p.add_argument("--intervals-out", required=True, help="intervals CSV")
     p.set_defaults(func=cmd_significance)
+
+    p = sub.add_parser("sparsity", help="Figure 4: metrics per history-length tercile of users")
+    p.add_argument("--runs", nargs="+", required=True, help="run folders")
+    p.add_argument("--datasets", nargs="+", required=True, help="prepared dataset folders")
+    p.add_argument("--models", nargs="*", help="model labels to show (default: all)")
+    p.add_argument("--out", required=True, help="CSV")
+    p.add_argument("--figure", required=True, help="figure path without suffix (PNG and PDF)")
+    p.set_defaults(func=cmd_sparsity)
+
+    p = sub.add_parser("protocols", help="where sampled and full ranking order the models differently")
+    p.add_argument("--runs", nargs="+", required=True, help="run folders")
+    p.add_argument("--out", required=True, help="per-dataset Kendall tau CSV")
+    p.add_argument("--flips-out", required=True, help="flipped model pairs CSV")
+    p.set_defaults(func=cmd_protocols)
 
     p = sub.add_parser("table2", help="Table 2, dataset statistics beside the paper's")
     p.add_argument("--records", nargs="+", required=True, help="dataset.json files")

@@ -33,7 +33,46 @@ rule significance:
         "e4srec significance --runs {params.runs} --out {output.tests} --intervals-out {output.intervals} 2> {log}"
 
 
+rule sparsity_groups:
+    input:
+        ranks=[f"{run}/ranks.parquet" for run in all_runs()],
+        datasets=expand(f"{OUT}/data/{{dataset}}/dataset.json", dataset=config["datasets"]),
+    output:
+        csv=f"{OUT}/tables/figure4_sparsity.csv",
+        figure=multiext(f"{OUT}/figures/figure4_sparsity", ".png", ".pdf"),
+    params:
+        runs=all_runs(),
+        datasets=[dataset_dir(d) for d in config["datasets"]],
+        models=sparsity_models(),
+        stem=lambda wildcards, output: Path(output.figure[0]).with_suffix(""),
+    log:
+        f"{OUT}/logs/sparsity.log",
+    conda:
+        "../envs/e4srec.yaml"
+    shell:
+        "e4srec sparsity --runs {params.runs} --datasets {params.datasets} --models {params.models} "
+        "--out {output.csv} --figure {params.stem} 2> {log}"
+
+
+rule sampled_vs_full:
+    input:
+        ranks=[f"{run}/ranks.parquet" for run in all_runs()],
+    output:
+        summary=f"{OUT}/tables/sampled_vs_full.csv",
+        flips=f"{OUT}/tables/sampled_vs_full_flips.csv",
+    params:
+        runs=all_runs(),
+    log:
+        f"{OUT}/logs/sampled_vs_full.log",
+    conda:
+        "../envs/e4srec.yaml"
+    shell:
+        "e4srec protocols --runs {params.runs} --out {output.summary} --flips-out {output.flips} 2> {log}"
+
+
 rule analysis:
     input:
+        rules.sparsity_groups.output,
+        rules.sampled_vs_full.output,
         rules.metrics.output,
         rules.significance.output,

@@ -77,3 +77,11 @@ def all_runs():
     runs = [run_dir(*run) for run in baseline_runs()]
     return runs + e4srec_runs()
 
+
+
+def sparsity_models():
+    """Figure 4 compares E4SRec with SASRec (the paper); with either missing, every model is shown."""
+    wanted = ["SASRec"] + (["E4SRec"] if config["e4srec"]["enabled"] else [])
+    if "SASRec" in config["baselines"]["models"] and len(wanted) == 2:
+        return wanted
+    return []
