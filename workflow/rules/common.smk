@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+import re
+
 KNOWN_DATASETS = ["Beauty", "Sports_and_Outdoors", "Toys_and_Games", "Yelp"]
 EMBEDDING_MODELS = ["SASRec", "BPR"]  # baselines whose item embeddings E4SRec can take
 OUT = config["out"]
@@ -85,3 +87,32 @@ def sparsity_models():
     if "SASRec" in config["baselines"]["models"] and len(wanted) == 2:
         return wanted
     return []
+
+
+# E4SRec ------------------------------------------------------------------------------------------
+BACKBONE_ID = re.sub(r"[^A-Za-z0-9_.-]+", "_", config["e4srec"]["backbone"]).strip("_")
+
+
+def e4srec_backbone_dir():
+    """The backbone E4SRec trains on: instruction-tuned (stage 2) unless switched off."""
+    folder = f"{RES}/backbones/{BACKBONE_ID}"
+    return folder + "-instruct" if config["e4srec"]["instruction_tuning"]["enabled"] else folder
+
+
+def instruction_data_args():
+    tuning = config["e4srec"]["instruction_tuning"]
+    if tuning["data"] != "self-instruct-seed":
+        return f"--data {tuning['data']}"
+    mirror = f" --mirror {tuning['instructions_mirror']}" if tuning["instructions_mirror"] else ""
+    return "--self-instruct fetch" + mirror
+
+
+def e4srec_item_embeddings(wildcards):
+    chosen = config["e4srec"]["item_embeddings"]
+    return f"{run_dir(wildcards.dataset, chosen['model'], chosen['variant'], chosen['seed'])}/item_embeddings.safetensors"
+
+
+def e4srec_train_params(wildcards):
+    settings = {"device": config["device"], **config["e4srec"]["train"],
+                **config["e4srec"]["train_per_dataset"].get(wildcards.dataset, {})}
+    return as_json(settings)

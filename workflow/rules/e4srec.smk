@@ -1,4 +1,71 @@
-# E4SRec, stages 2 to 4: backbone, instruction tuning, per-dataset training and components.
+# E4SRec, stages 2 to 4: backbone, instruction tuning, per-dataset training and pluggable components.
+
+
+rule resolve_backbone:
+    output:
+        directory(f"{RES}/backbones/{{backbone}}"),
+    wildcard_constraints:
+        backbone=BACKBONE_ID,
+    params:
+        spec=config["e4srec"]["backbone"],
+    log:
+        f"{OUT}/logs/backbone/{{backbone}}.log",
+    conda:
+        "../envs/e4srec.yaml"
+    shell:
+        "e4srec backbone --spec {params.spec} --out {output} 2> {log}"
+
+
+rule instruction_tune:
+    input:
+        f"{RES}/backbones/{BACKBONE_ID}",
+    output:
+        directory(f"{RES}/backbones/{BACKBONE_ID}-instruct"),
+    params:
+        data=instruction_data_args(),
+        params=" ".join(f"--param {k}={v}" for k, v in config["e4srec"]["instruction_tuning"]["params"].items()),
+        converted=lambda wildcards, output: f"{output}.alpaca.json",
+    log:
+        f"{OUT}/logs/backbone/{BACKBONE_ID}-instruct.log",
+    benchmark:
+        f"{OUT}/benchmarks/backbone/{BACKBONE_ID}-instruct.tsv"
+    resources:
+        gpu=1 if config["device"] != "cpu" else 0,
+    conda:
+        "../envs/e4srec.yaml"
+    shell:
+        "e4srec instruct --backbone {input} {params.data} --converted {params.converted} --out {output} "
+        "{params.params} 2> {log}"
+
+
+rule train_e4srec:
+    input:
+        unpack(dataset_files),
+        backbone=e4srec_backbone_dir(),
+        item_embeddings=e4srec_item_embeddings,
+    output:
+        ranks=f"{OUT}/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}/ranks.parquet",
+        record=f"{OUT}/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}/run.json",
+        components=directory(f"{OUT}/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}/components"),
+    params:
+        dataset_dir=lambda wildcards: dataset_dir(wildcards.dataset),
+        model_params=as_json(config["e4srec"]["params"]),
+        train_params=e4srec_train_params,
+        out=lambda wildcards, output: Path(output.ranks).parent,
+        ties=config["ties"],
+    log:
+        f"{OUT}/logs/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}.tsv"
+    resources:
+        gpu=1 if config["device"] != "cpu" else 0,
+    conda:
+        "../envs/e4srec.yaml"
+    shell:
+        "e4srec train --dataset-dir {params.dataset_dir} --model E4SRec --variant {wildcards.variant} "
+        "--seed {wildcards.seed} --params '{params.model_params}' --train-params '{params.train_params}' "
+        "--backbone {input.backbone} --item-embeddings {input.item_embeddings} --ties {params.ties} "
+        "--out {params.out} --no-progress 2> {log}"
 
 
 rule e4srec:
