@@ -32,8 +32,8 @@ from torch import nn
 
 from e4srec.recommender import Recommender, xavier_init
 
-from .common import (ACTIVATIONS, LOSSES, SelfAttentiveEncoder, check_choice, check_fraction, last_hidden,
-                     next_item_loss, score_all_items)
+from .common import (ACTIVATIONS, LOSSES, SelfAttentiveEncoder, check_choice, check_fraction, encode_by_width,
+                     last_hidden, next_item_loss, score_all_items)
 
 # TrainConfig fields the workflow should use for this model (the paper's Adam lr; batch 256).
 TRAIN_DEFAULTS = {"learning_rate": 1e-3, "batch_size": 256, "weight_decay": 0.0, "epochs": 200, "patience": 10}
@@ -87,8 +87,8 @@ class SASRec(Recommender):
         return self.n_items + 1
 
     def encode(self, items: torch.Tensor, causal: bool = True) -> torch.Tensor:
-        """items [B, L] left-padded -> hidden states [B, L, d]."""
-        return self.encoder(self.item_embeddings(items), items, causal)
+        """items [B, L] left-padded -> hidden states [B, L, d] (zeros at trimmed padding columns)."""
+        return encode_by_width(lambda part: self.encoder(self.item_embeddings(part), part, causal), items)
 
     def sequence_loss(self, hidden: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
         """Next-item loss at every non-padding target: hidden [B, L, d] from ``sequence[:, :-1]``."""
