@@ -25,6 +25,10 @@ def git_state() -> dict:
                                 capture_output=True, text=True, check=True).stdout
         return {"commit": commit, "dirty": bool(status.strip())}
     except (OSError, subprocess.CalledProcessError):
+        # A copy of the tree without .git (a rented GPU machine): the launcher states the commit.
+        commit = os.environ.get("E4SREC_GIT_COMMIT")
+        if commit:
+            return {"commit": commit, "dirty": os.environ.get("E4SREC_GIT_DIRTY") == "1", "source": "environment"}
         return {"commit": "unknown", "dirty": None}
 
 
