@@ -58,8 +58,12 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
+    import torch
+
     from . import runs
 
+    if args.threads:
+        torch.set_num_threads(args.threads)  # small steps slow down 5-15x when threads oversubscribe the cores
     context = {}
     if args.backbone:
         context["backbone_dir"] = args.backbone
@@ -152,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="E4SRec: resolved backbone folder")
     p.add_argument("--item-embeddings", help="E4SRec: item embeddings safetensors")
     p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 

@@ -3,7 +3,7 @@
 TRAIN_SHELL = (
     "e4srec train --dataset-dir {params.dataset_dir} --model {wildcards.model} --variant {wildcards.variant} "
     "--seed {wildcards.seed} --params '{params.model_params}' --train-params '{params.train_params}' "
-    "--ties {params.ties} --out {params.out} --no-progress 2> {log}"
+    "--ties {params.ties} --out {params.out} --threads {threads} --no-progress 2> {log}"
 )
 
 
@@ -21,6 +21,7 @@ rule train_baseline:
         train_params=baseline_train_params,
         out=lambda wildcards, output: Path(output.ranks).parent,
         ties=config["ties"],
+    threads: 1
     log:
         f"{OUT}/logs/runs/{{dataset}}/{{model}}/{{variant}}/seed~{{seed}}.log",
     benchmark:

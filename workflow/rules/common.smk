@@ -1,8 +1,7 @@
 # Helpers shared by the rules (no rules here): paths, run lists and per-run parameters.
 import json
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 KNOWN_DATASETS = ["Beauty", "Sports_and_Outdoors", "Toys_and_Games", "Yelp"]
 EMBEDDING_MODELS = ["SASRec", "BPR"]  # baselines whose item embeddings E4SRec can take
@@ -39,7 +38,7 @@ def baseline_runs():
     runs = []
     for dataset in config["datasets"]:
         for model in config["baselines"]["models"]:
-            variants = ["default"] + list(config["baselines"]["variants"].get(model, {}))
+            variants = ["default", *config["baselines"]["variants"].get(model, {})]
             for variant in variants:
                 seeds = [0] if model == "POP" else config["seeds"]
                 runs += [(dataset, model, variant, seed) for seed in seeds]
@@ -77,13 +76,13 @@ def e4srec_runs():
 
 def all_runs():
     runs = [run_dir(*run) for run in baseline_runs()]
-    return runs + e4srec_runs()
+    return [*runs, *e4srec_runs()]
 
 
 
 def sparsity_models():
     """Figure 4 compares E4SRec with SASRec (the paper); with either missing, every model is shown."""
-    wanted = ["SASRec"] + (["E4SRec"] if config["e4srec"]["enabled"] else [])
+    wanted = ["SASRec", "E4SRec"] if config["e4srec"]["enabled"] else ["SASRec"]
     if "SASRec" in config["baselines"]["models"] and len(wanted) == 2:
         return wanted
     return []
@@ -95,16 +94,16 @@ BACKBONE_ID = re.sub(r"[^A-Za-z0-9_.-]+", "_", config["e4srec"]["backbone"]).str
 
 def e4srec_backbone_dir():
     """The backbone E4SRec trains on: instruction-tuned (stage 2) unless switched off."""
-    folder = f"{RES}/backbones/{BACKBONE_ID}"
-    return folder + "-instruct" if config["e4srec"]["instruction_tuning"]["enabled"] else folder
+    suffix = "-instruct" if config["e4srec"]["instruction_tuning"]["enabled"] else ""
+    return f"{RES}/backbones/{BACKBONE_ID}{suffix}"
 
 
 def instruction_data_args():
     tuning = config["e4srec"]["instruction_tuning"]
     if tuning["data"] != "self-instruct-seed":
         return f"--data {tuning['data']}"
-    mirror = f" --mirror {tuning['instructions_mirror']}" if tuning["instructions_mirror"] else ""
-    return "--self-instruct fetch" + mirror
+    mirror = tuning["instructions_mirror"]
+    return f"--self-instruct fetch --mirror {mirror}" if mirror else "--self-instruct fetch"
 
 
 def e4srec_item_embeddings(wildcards):

@@ -53,6 +53,7 @@ rule train_e4srec:
         train_params=e4srec_train_params,
         out=lambda wildcards, output: Path(output.ranks).parent,
         ties=config["ties"],
+    threads: 8  # capped by --cores; the LLM's matrix work uses them on a CPU
     log:
         f"{OUT}/logs/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}.log",
     benchmark:
@@ -65,7 +66,7 @@ rule train_e4srec:
         "e4srec train --dataset-dir {params.dataset_dir} --model E4SRec --variant {wildcards.variant} "
         "--seed {wildcards.seed} --params '{params.model_params}' --train-params '{params.train_params}' "
         "--backbone {input.backbone} --item-embeddings {input.item_embeddings} --ties {params.ties} "
-        "--out {params.out} --no-progress 2> {log}"
+        "--out {params.out} --threads {threads} --no-progress 2> {log}"
 
 
 rule e4srec:
