@@ -100,6 +100,10 @@ def run(dataset_dir: str | Path, model_name: str, out_dir: str | Path, *, varian
                      metadata={"dataset": data.name, "model": model_name, "variant": variant, "seed": str(seed),
                                "selected_epoch": str(training.get("best_epoch")),
                                "selection": "validation NDCG@10", "n_items": str(data.n_items)})
+    if hasattr(model, "save_components"):  # E4SRec: the pluggable components, without the backbone
+        record["components"] = model.save_components(out_dir / "components", dataset=data.name)
+        record["backbone"] = model.backbone_record
+        record["item_embeddings_source"] = model.item_embeddings_source
     write_parquet(out_dir / "ranks.parquet", ranks)
     write_json(out_dir / "run.json", record)  # written last: marks the run as complete
     return record

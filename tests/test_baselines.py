@@ -10,6 +10,7 @@ cross-entropy kernel agree with their definitions.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,7 +160,7 @@ def test_unknown_parameter_is_named(name, data):
 def test_run_end_to_end(name, prepared, tmp_path):
     record = runs.run(prepared, name, tmp_path / "run", seed=0, params=TINY_PARAMS.get(name, {}),
                       train_params={"epochs": 2, "batch_size": 16, "device": "cpu"}, progress=False)
-    ranks = __import__("pandas").read_parquet(tmp_path / "run" / "ranks.parquet")
+    ranks = pd.read_parquet(tmp_path / "run" / "ranks.parquet")
     assert len(ranks) == N_USERS and (tmp_path / "run" / "run.json").exists()
     assert ranks["test_full"].between(1, N_ITEMS).all() and ranks["test_sampled"].between(1, N_NEGATIVES + 1).all()
     assert (tmp_path / "run" / "item_embeddings.safetensors").exists() == (name in EXPORTERS)
@@ -258,7 +259,7 @@ def test_mask_replaces_floor_ratio_items():
     for source, view in zip(items.tolist(), masked.tolist()):
         n = sum(1 for i in source if i)
         assert sum(1 for i in view if i == 99) == int(0.5 * n)
-        assert all(v in (s, 99) for s, v in zip(source, view) if s) and all(v == 0 for s, v in zip(source, view) if not s)
+        assert all(v in (s, 99) if s else v == 0 for s, v in zip(source, view))
 
 
 def test_reorder_shuffles_one_window():

