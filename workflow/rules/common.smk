@@ -102,7 +102,7 @@ def instruction_data_args():
     tuning = config["e4srec"]["instruction_tuning"]
     if tuning["data"] != "self-instruct-seed":
         return f"--data {tuning['data']}"
-    mirror = tuning["instructions_mirror"]
+    mirror = config["instructions_mirror"]
     return f"--self-instruct fetch --mirror {mirror}" if mirror else "--self-instruct fetch"
 
 
