@@ -10,9 +10,9 @@ Defaults (the paper, Beauty): d=64, 2 layers, 2 heads, feed-forward 4d=256, drop
 proportion rho=0.6 (the paper's best for Beauty), max length 50, cross-entropy over all items at
 the masked positions (the paper's softmax). The paper's output layer is kept:
 score(v) = GELU(h W + b) . e_v + b_v with the input item embeddings e shared.
-Training samples that mask only the last item ("we also produce samples that only mask the last
-item ... during training", Section 3.6) are drawn with probability ``last_item_mask_prob`` = 0.5
-per sequence (RecBole's ``ft_ratio`` default).
+The paper also trains on samples that mask only the last item (to match prediction, where [mask]
+follows the history); here a sequence is such a sample with probability ``last_item_mask_prob``
+= 0.5 (RecBole's ``ft_ratio`` default; the paper gives no proportion).
 
 Deliberate deviations:
 - Batches are the trainer's ``sequences``: each user's last max_len + 1 training items, of which

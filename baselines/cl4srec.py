@@ -14,10 +14,11 @@ contiguous beta-fraction); their user representations (the state at the last pos
 together against the 2(B-1) other views of the batch (NT-Xent, dot-product similarity,
 temperature tau).
 
-Defaults: d=64, 2 layers, 2 heads, dropout 0.5, eta=0.6, gamma=0.3, beta=0.6 (the paper's worked
-examples; RecBole-DA's defaults), lambda=0.1, tau=1.0, lr 1e-3, batch 256, loss "ce": the paper's
-main loss is a softmax over the next item, implemented as cross-entropy over all items by the
-RecBole-based code (``"bce"`` is the fairness switch's other side).
+Defaults: d=64, 2 layers, 2 heads, dropout 0.5, eta=0.6, gamma=0.3, beta=0.6 (the proportions of
+the paper's illustrations of the operators; the paper tunes them per dataset, so tune them on the
+validation item), lambda=0.1, tau=1.0, lr 1e-3, batch 256, loss "ce": the paper's main loss is a
+softmax over the next item, which the RecBole-based DuoRec code computes over all items (``"bce"``
+is the fairness switch's other side).
 
 Deliberate deviations:
 - The next-item loss is taken at every position of the sequence (the ``sequences`` batches of the
