@@ -29,14 +29,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from .files import InputError, atomic_path, read_json, sha256_file, write_json
+from .files import InputError, atomic_dir, atomic_path, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -56,30 +54,6 @@ RECORD_FILE = "backbone.json"
 
 # ----------------------------------------------------------------------------------------------
 # Folders and checksums
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; it replaces ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        mask = os.umask(0)
-        os.umask(mask)
-        for item in [tmp, *tmp.rglob("*")]:  # mkdtemp and some writers create owner-only modes
-            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
-        if path.exists():
-            old = tmp.with_name(tmp.name + ".old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def weights_sha256(folder: str | os.PathLike) -> str:

@@ -25,8 +25,8 @@ from typing import Sequence
 
 import torch
 
-from .backbone import atomic_dir, load_backbone, load_tokenizer, read_backbone_record, weights_bytes
-from .files import InputError, load_tensors, read_json, save_tensors, sha256_file, write_json
+from .backbone import load_backbone, load_tokenizer, read_backbone_record, weights_bytes
+from .files import InputError, atomic_dir, load_tensors, read_json, save_tensors, sha256_file, write_json
 from .model import (E4SRec, E4SRecConfig, left_pad_tensor, load_item_embeddings, quiet_peft,
                     validate_histories)
 

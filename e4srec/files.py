@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -99,3 +100,27 @@ def load_tensors(path: str | os.PathLike) -> dict:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise InputError(f"{path}: not a valid safetensors file ({err})") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; it replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        mask = os.umask(0)
+        os.umask(mask)
+        for item in [tmp, *tmp.rglob("*")]:  # mkdtemp and some writers create owner-only modes
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+        if path.exists():
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
