@@ -66,6 +66,7 @@ def run(dataset_dir: str | Path, model_name: str, out_dir: str | Path, *, varian
         ties: str = "pessimistic", progress: bool = True, **context) -> dict:
     """Train and evaluate one model on one prepared dataset; write the run folder; return its record."""
     out_dir = Path(out_dir)
+    provenance.git_state()  # the commit as the run starts (cached): the code that actually ran
     data = SequenceData.load(dataset_dir)
     train_config = TrainConfig.from_dict({**(train_params or {}), "seed": seed})
     torch.manual_seed(seed)
