@@ -117,7 +117,7 @@ def plot_sparsity(frame: pd.DataFrame, stem: str | Path, metric: str = "HR") -> 
         axis.set_title(paper_name(dataset))
         axis.set_ylabel(f"{metric}@10 (full ranking)")
     axes[0][0].legend(fontsize=7)
-    figure.suptitle("Figure 4: users by history length (equal thirds), 95% bootstrap intervals")
+    figure.suptitle("Figure 4: users by history length (equal thirds), 95% bootstrap intervals", y=1.04)
     save_figure(figure, stem)
     plt.close(figure)
 
@@ -133,3 +133,44 @@ def write_protocols(run_dirs: list[str], summary_csv: str | Path, flips_csv: str
     summary, flips = protocol_disagreement(run_dirs)
     write_csv(summary_csv, summary)
     write_csv(flips_csv, flips)
+
+
+ABLATION_LABELS = {"default": "E4SRec (full)", "no-instruct": "no instruction tuning",
+                   "bpr-embeddings": "BPR item embeddings + LLM"}
+
+
+def ablation_table(metrics_csv: str | Path) -> pd.DataFrame:
+    """Figure 3: test HR@{5,10,20} (full ranking) of E4SRec's variants, beside SASRec's."""
+    metrics = pd.read_csv(metrics_csv, dtype={"k": "Int64"})
+    part = metrics[(metrics["split"] == "test") & (metrics["protocol"] == "full") & (metrics["metric"] == "HR")
+                   & metrics["k"].isin([5, 10, 20])
+                   & ((metrics["model"] == "E4SRec") | ((metrics["model"] == "SASRec") & (metrics["variant"] == "default")))]
+    part = part.assign(label=np.where(part["model"] == "SASRec", "SASRec (reference)",
+                                      part["variant"].map(ABLATION_LABELS).fillna(part["variant"])))
+    return part.groupby(["dataset", "label", "metric", "k"], as_index=False).agg(value=("value", "mean"),
+                                                                                seeds=("seed", "count"))
+
+
+def write_ablation(metrics_csv: str | Path, out_csv: str | Path, figure_stem: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = ablation_table(metrics_csv)
+    write_csv(out_csv, frame)
+    datasets = list(dict.fromkeys(frame["dataset"])) or ["(no runs)"]
+    figure, axes = plt.subplots(1, len(datasets), figsize=(4 * len(datasets), 3.2), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
+        data = frame[frame["dataset"] == dataset]
+        labels = list(dict.fromkeys(data["label"]))
+        width = 0.8 / max(len(labels), 1)
+        for i, label in enumerate(labels):
+            rows = data[data["label"] == label].set_index("k").reindex([5, 10, 20])
+            axis.bar(np.arange(3) + i * width, rows["value"], width, label=label)
+        axis.set_xticks(np.arange(3) + width * (len(labels) - 1) / 2, ["HR@5", "HR@10", "HR@20"])
+        axis.set_title(paper_name(dataset))
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle("Figure 3: ablation (full ranking, test item)", y=1.04)
+    save_figure(figure, figure_stem)
+    plt.close(figure)

@@ -102,6 +102,12 @@ def cmd_sparsity(args) -> None:
     analysis.write_sparsity(args.runs, args.datasets, args.out, args.figure, models=args.models or None)
 
 
+def cmd_ablation(args) -> None:
+    from . import analysis
+
+    analysis.write_ablation(args.metrics, args.out, args.figure)
+
+
 def cmd_protocols(args) -> None:
     from . import analysis
 
@@ -122,10 +128,18 @@ def cmd_rebuild(args) -> None:
     tables.write_paper_tables(out / "metrics.csv", args.paper, out, datasets=args.datasets,
                               intervals_csv=out / "intervals.csv", significance_csv=out / "significance.csv")
     analysis.write_protocols(runs, out / "sampled_vs_full.csv", out / "sampled_vs_full_flips.csv")
+    analysis.write_ablation(out / "metrics.csv", out / "figure3_ablation.csv", root / "figures" / "figure3_ablation")
     dataset_dirs = [str(root / "data" / d) for d in {Path(r).parts[-4] for r in runs} if (root / "data" / d).exists()]
     if dataset_dirs:  # Figure 4 needs the prepared datasets (history lengths), which are not committed
         analysis.write_sparsity(runs, dataset_dirs, out / "figure4_sparsity.csv", root / "figures" / "figure4_sparsity")
     log.info("rebuilt tables from %d runs under %s", len(runs), root)
+
+
+def cmd_audit(args) -> int:
+    """Provenance audit of every run folder under a results folder; 1 if any run has a problem."""
+    from . import audit
+
+    return 1 if audit.report(args.results) else 0
 
 
 def cmd_table2(args) -> None:
@@ -208,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figure", required=True, help="figure path without suffix (PNG and PDF)")
     p.set_defaults(func=cmd_sparsity)
 
+    p = sub.add_parser("ablation", help="Figure 3: E4SRec's ablation variants beside SASRec")
+    p.add_argument("--metrics", required=True, help="metrics CSV (from `e4srec metrics`)")
+    p.add_argument("--out", required=True, help="CSV")
+    p.add_argument("--figure", required=True, help="figure path without suffix (PNG and PDF)")
+    p.set_defaults(func=cmd_ablation)
+
     p = sub.add_parser("protocols", help="where sampled and full ranking order the models differently")
     p.add_argument("--runs", nargs="+", required=True, help="run folders")
     p.add_argument("--out", required=True, help="per-dataset Kendall tau CSV")
@@ -219,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", default="paper/paper_targets.tsv")
     p.add_argument("--datasets", nargs="*", default=["Beauty", "Sports_and_Outdoors", "Toys_and_Games", "Yelp"])
     p.set_defaults(func=cmd_rebuild)
+
+    p = sub.add_parser("audit", help="check every run's provenance, validation-based selection, split and negatives")
+    p.add_argument("results", nargs="?", default="results/paper", help="results folder (default results/paper)")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("table2", help="Table 2, dataset statistics beside the paper's")
     p.add_argument("--records", nargs="+", required=True, help="dataset.json files")

@@ -70,8 +70,25 @@ rule sampled_vs_full:
         "e4srec protocols --runs {params.runs} --out {output.summary} --flips-out {output.flips} 2> {log}"
 
 
+rule ablation_figure:
+    input:
+        rules.metrics.output,
+    output:
+        csv=f"{OUT}/tables/figure3_ablation.csv",
+        figure=multiext(f"{OUT}/figures/figure3_ablation", ".png", ".pdf"),
+    params:
+        stem=lambda wildcards, output: Path(output.figure[0]).with_suffix(""),
+    log:
+        f"{OUT}/logs/ablation.log",
+    conda:
+        "../envs/e4srec.yaml"
+    shell:
+        "e4srec ablation --metrics {input} --out {output.csv} --figure {params.stem} 2> {log}"
+
+
 rule analysis:
     input:
+        rules.ablation_figure.output,
         rules.sparsity_groups.output,
         rules.sampled_vs_full.output,
         rules.metrics.output,

@@ -69,9 +69,12 @@ def fetch_source(wildcards):
 
 
 def e4srec_runs():
+    """E4SRec runs: every seed of the full model, and seed 0 of each ablation (Figure 3)."""
     if not config["e4srec"]["enabled"]:
         return []
-    return [run_dir(d, "E4SRec", "default", s) for d in config["datasets"] for s in config["e4srec"]["seeds"]]
+    runs = [run_dir(d, "E4SRec", "default", s) for d in config["datasets"] for s in config["e4srec"]["seeds"]]
+    seed = config["e4srec"]["seeds"][0]
+    return runs + [run_dir(d, "E4SRec", a, seed) for d in config["datasets"] for a in config["e4srec"]["ablations"]]
 
 
 def all_runs():
@@ -92,9 +95,11 @@ def sparsity_models():
 BACKBONE_ID = re.sub(r"[^A-Za-z0-9_.-]+", "_", config["e4srec"]["backbone"]).strip("_")
 
 
-def e4srec_backbone_dir():
-    """The backbone E4SRec trains on: instruction-tuned (stage 2) unless switched off."""
-    suffix = "-instruct" if config["e4srec"]["instruction_tuning"]["enabled"] else ""
+def e4srec_backbone_dir(wildcards):
+    """The backbone E4SRec trains on: instruction-tuned (stage 2) unless switched off, or for the
+    "no-instruct" ablation."""
+    tuned = config["e4srec"]["instruction_tuning"]["enabled"] and wildcards.variant != "no-instruct"
+    suffix = "-instruct" if tuned else ""
     return f"{RES}/backbones/{BACKBONE_ID}{suffix}"
 
 
@@ -107,7 +112,10 @@ def instruction_data_args():
 
 
 def e4srec_item_embeddings(wildcards):
-    chosen = config["e4srec"]["item_embeddings"]
+    """SASRec's item table (the configured run), or BPR's for the "bpr-embeddings" ablation."""
+    chosen = dict(config["e4srec"]["item_embeddings"])
+    if wildcards.variant == "bpr-embeddings":
+        chosen.update(model="BPR", variant="default")
     return f"{run_dir(wildcards.dataset, chosen['model'], chosen['variant'], chosen['seed'])}/item_embeddings.safetensors"
 
 

@@ -41,8 +41,10 @@ rule instruction_tune:
 rule train_e4srec:
     input:
         unpack(dataset_files),
-        backbone=e4srec_backbone_dir(),
+        backbone=e4srec_backbone_dir,
         item_embeddings=e4srec_item_embeddings,
+    wildcard_constraints:
+        variant="default|no-instruct|bpr-embeddings",
     output:
         ranks=f"{OUT}/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}/ranks.parquet",
         record=f"{OUT}/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}/run.json",

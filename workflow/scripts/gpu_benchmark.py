@@ -1,0 +1,303 @@
+#!/usr/bin/env python
+"""Time E4SRec and SASRec on a CUDA GPU; print ONE markdown table and write the numbers as JSON.
+
+What is measured, on one prepared dataset (a folder written by ``e4srec prepare``:
+``sequences.parquet``, ``negatives.parquet``, ``dataset.json``; the workflow's ``<out>/data/<name>``):
+
+1. **E4SRec training step** (forward, backward, AdamW step, ``loss.item()``; bf16 autocast as in the
+   shared trainer) on the dataset's own shuffled training batches, at each ``--batch-sizes`` (default
+   16, the paper's, and 256), ``eager`` (``compile="never"``) and ``compiled`` (``compile="always"``:
+   histories padded to max_len, one CUDA graph): the median of ``--steps`` timed steps after
+   ``--warmup`` untimed ones, examples/s, the first step's seconds (for ``compiled``: the compile
+   time) and the peak GPU memory.
+2. **E4SRec full-catalogue scoring**: ``rank_split`` on the validation item (scores of every item,
+   then the three rank protocols) for ``--eval-users`` users at ``--eval-batch-size``: users/s.
+3. **SASRec epoch time** through the shared trainer (``train()``, batch 256, bf16), for each loss of
+   ``--sasrec-losses``: the seconds of the training part of epoch 0 (warm-up included) and epoch 1.
+
+The backbone is ``embedded`` (SmolLM2-135M-Instruct, resolved once into ``--backbone-cache`` as
+``e4srec backbone`` does) or a resolved backbone folder (``resources/backbones/embedded-instruct``,
+a LLaMA folder, ...). E4SRec's item table is ``--item-embeddings`` (a SASRec run's
+``item_embeddings.safetensors``) or a seeded random one: the timings do not depend on its values.
+
+Example (from the repository root, on the GPU machine)::
+
+    python workflow/scripts/gpu_benchmark.py --dataset-dir results/paper/data/Beauty \\
+        --backbone resources/backbones/embedded-instruct --out gpu_benchmark.json
+
+Without a CUDA GPU it stops at once with a message and exit status 3 (``--cpu-smoke-test`` runs the
+same code on the CPU with the sizes given, to check the script itself; its timings mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EXIT_NO_GPU = 3
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Time E4SRec (training step eager vs compiled; full-catalogue scoring) and SASRec (epoch) "
+                    "on a CUDA GPU; print one markdown table and write JSON.",
+        epilog=f"Needs a CUDA GPU: without one it exits with status {EXIT_NO_GPU} "
+               "(--cpu-smoke-test runs it on the CPU to check the script; its timings mean nothing).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset-dir", required=True, help="prepared dataset folder (sequences.parquet, ...)")
+    parser.add_argument("--backbone", default="embedded", help="'embedded' or a resolved backbone folder")
+    parser.add_argument("--backbone-cache", default="resources/backbones/embedded",
+                        help="where 'embedded' is resolved (kept if already there)")
+    parser.add_argument("--item-embeddings", help="E4SRec's item table (safetensors); default: seeded random")
+    parser.add_argument("--out", default="gpu_benchmark.json", help="JSON file to write")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 256], help="E4SRec training batch sizes")
+    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
+                        help="E4SRec training modes")
+    parser.add_argument("--steps", type=int, default=30, help="timed E4SRec training steps per setting")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (compiling included)")
+    parser.add_argument("--eval-users", type=int, default=4096, help="users scored (0: all)")
+    parser.add_argument("--eval-batch-size", type=int, default=256, help="scoring batch (the paper profile's)")
+    parser.add_argument("--sasrec-losses", nargs="*", choices=["bce", "ce"], default=["bce", "ce"],
+                        help="SASRec losses to time an epoch of (none: skip SASRec)")
+    parser.add_argument("--sasrec-batch-size", type=int, default=256)
+    parser.add_argument("--skip-e4srec", action="store_true", help="time SASRec only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu-smoke-test", action="store_true",
+                        help="run on the CPU (fp32, no GPU needed) to check the script; timings mean nothing")
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+class Timer:
+    """Wall-clock seconds of a block, synchronising the GPU before and after."""
+
+    def __init__(self, device):
+        import torch
+
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def __enter__(self):
+        self.sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.sync()
+        self.seconds = time.perf_counter() - self.start
+
+
+def free_memory(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def log(message: str) -> None:
+    print(f"[gpu_benchmark] {message}", file=sys.stderr, flush=True)
+
+
+def row(what: str, setting: str, batch: int | str, time_text: str, throughput: str, warmup: str,
+        peak: float | None, **values) -> dict:
+    return {"what": what, "setting": setting, "batch": batch, "time": time_text, "throughput": throughput,
+            "warm-up": warmup, "peak GPU GiB": "-" if peak is None else f"{peak:.2f}", **values}
+
+
+def markdown(rows: list[dict]) -> str:
+    columns = ["what", "setting", "batch", "time", "throughput", "warm-up", "peak GPU GiB"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# E4SRec
+
+
+def resolve_backbone_dir(args) -> Path:
+    from e4srec.backbone import resolve_backbone
+
+    if args.backbone == "embedded":
+        log(f"resolving the embedded backbone into {args.backbone_cache}")
+        resolve_backbone("embedded", args.backbone_cache, dtype="bfloat16")
+        return Path(args.backbone_cache)
+    return Path(args.backbone)
+
+
+def build_e4srec(args, data, backbone_dir: Path, device):
+    import torch
+
+    from e4srec.model import E4SRec, E4SRecConfig
+
+    if args.item_embeddings:
+        table = args.item_embeddings
+    else:
+        table = torch.randn(data.n_items + 1, 64, generator=torch.Generator().manual_seed(args.seed))
+        table[0] = 0
+    torch.manual_seed(args.seed)
+    model = E4SRec(data.n_items, data.n_users, data.max_len, E4SRecConfig(compile="never"),
+                   backbone_dir=backbone_dir, item_embeddings=table)
+    return model.to(device)
+
+
+def time_e4srec_training(model, data, args, device, mode: str, batch_size: int) -> dict:
+    import torch
+
+    from e4srec.trainer import training_batches
+
+    model.train()
+    model.config.compile = "always" if mode == "compiled" else "never"
+    model._compiled = None  # a fresh graph for this batch size
+    torch._dynamo.reset()
+    free_memory(device)
+    needed = args.warmup + args.steps
+    batches, epoch = [], 0
+    while len(batches) < needed:  # full batches only (the compiled graph has one size), cycling epochs
+        _, epoch_batches = training_batches(model, data, batch_size, args.seed, epoch, device)
+        full = [b for b in epoch_batches if len(b["user"]) == batch_size]
+        if not full:
+            raise SystemExit(f"{data.name}: fewer than {batch_size} training examples")
+        batches += full
+        epoch += 1
+    batches = batches[:needed]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=0.1)
+    seconds = []
+    for batch in batches:
+        with Timer(device) as timer:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = loss.item()
+        if value != value:
+            raise FloatingPointError(f"E4SRec {mode} batch {batch_size}: loss is NaN")
+        seconds.append(timer.seconds)
+    timed = seconds[args.warmup:] or seconds
+    median = statistics.median(timed)
+    return row("E4SRec training step", mode, batch_size, f"{median * 1e3:.1f} ms/step",
+               f"{batch_size / median:,.0f} examples/s", f"first step {seconds[0]:.1f} s", peak_gib(device),
+               median_seconds=median, min_seconds=min(timed), steps=len(timed), first_step_seconds=seconds[0],
+               warmup_steps=min(args.warmup, len(seconds) - len(timed)))
+
+
+def time_e4srec_scoring(model, data, args, device) -> dict:
+    import numpy as np
+    import torch
+
+    from e4srec.evaluate import rank_split
+
+    model.eval()
+    free_memory(device)
+    users = np.arange(data.n_users if not args.eval_users else min(args.eval_users, data.n_users))
+    with torch.no_grad(), Timer(device) as warm:  # the prefix cache and kernels warm up on one batch
+        rank_split(model.full_sort_predict, data, "valid", args.eval_batch_size, device,
+                   users=users[:args.eval_batch_size])
+    with torch.no_grad(), Timer(device) as timer:
+        ranks = rank_split(model.full_sort_predict, data, "valid", args.eval_batch_size, device, users=users)
+    assert len(ranks["full"]) == len(users)
+    rate = len(users) / timer.seconds
+    return row("E4SRec scoring (rank_split, all items)", f"{len(users)} users", args.eval_batch_size,
+               f"{timer.seconds:.2f} s", f"{rate:,.0f} users/s", f"first batch {warm.seconds:.1f} s",
+               peak_gib(device), seconds=timer.seconds, users=len(users), users_per_second=rate,
+               warmup_seconds=warm.seconds)
+
+
+# ----------------------------------------------------------------------------------------------
+# SASRec
+
+
+def time_sasrec_epochs(data, args, device, loss: str) -> dict:
+    from e4srec.runs import build_model
+    from e4srec.trainer import TrainConfig, train
+
+    free_memory(device)
+    model = build_model("SASRec", data, {"loss": loss})
+    config = TrainConfig(epochs=2, batch_size=args.sasrec_batch_size, learning_rate=1e-3, patience=10,
+                         eval_batch_size=1024, seed=args.seed, device=device.type)
+    with tempfile.TemporaryDirectory() as checkpoints:
+        record = train(model, data, config, checkpoints, progress=False)
+    first, second = (epoch["seconds"] for epoch in record["epochs"][:2])
+    examples = record["epochs"][1]["examples"]
+    return row("SASRec epoch (shared trainer)", loss, args.sasrec_batch_size, f"{second:.2f} s/epoch",
+               f"{examples / second:,.0f} sequences/s", f"epoch 0 {first:.2f} s", peak_gib(device),
+               epoch_seconds=[first, second], examples=examples)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not args.cpu_smoke_test and not torch.cuda.is_available():
+        print(f"gpu_benchmark.py: no CUDA GPU visible (torch {torch.__version__}, torch.cuda.is_available() is "
+              "False): this script times GPU runs only. Run it on a CUDA machine with a CUDA build of torch "
+              "(or pass --cpu-smoke-test to check the script on the CPU; its timings mean nothing).",
+              file=sys.stderr)
+        return EXIT_NO_GPU
+    sys.path.insert(0, str(ROOT))  # e4srec and baselines without an install
+    from e4srec import provenance
+    from e4srec.data import SequenceData
+    from e4srec.files import write_json
+
+    device = torch.device("cpu" if args.cpu_smoke_test else "cuda")
+    data = SequenceData.load(args.dataset_dir)
+    log(f"{data.name}: {data.n_users} users, {data.n_items} items, device {device}")
+    rows, backbone = [], None
+    if not args.skip_e4srec:
+        backbone_dir = resolve_backbone_dir(args)
+        model = build_e4srec(args, data, backbone_dir, device)
+        backbone = model.backbone_record
+        for mode in args.modes:
+            for batch_size in args.batch_sizes:
+                log(f"E4SRec training step: {mode}, batch {batch_size}")
+                try:
+                    rows.append(time_e4srec_training(model, data, args, device, mode, batch_size))
+                except torch.cuda.OutOfMemoryError:
+                    rows.append(row("E4SRec training step", mode, batch_size, "out of memory", "-", "-",
+                                    peak_gib(device)))
+                log(str(rows[-1]["time"]))
+        model._compiled = None
+        torch._dynamo.reset()
+        log("E4SRec scoring")
+        rows.append(time_e4srec_scoring(model, data, args, device))
+        del model
+    for loss in args.sasrec_losses:
+        log(f"SASRec epoch: {loss}")
+        rows.append(time_sasrec_epochs(data, args, device, loss))
+    table = markdown(rows)
+    machine = provenance.machine()
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+        machine["cuda"] = torch.version.cuda
+    print(f"{data.name}, {device.type}: {machine.get('gpu', 'CPU (smoke test: timings mean nothing)')}, "
+          f"torch {torch.__version__}\n")
+    print(table)
+    write_json(args.out, provenance.record(
+        benchmark="workflow/scripts/gpu_benchmark.py", smoke_test=args.cpu_smoke_test, arguments=vars(args),
+        dataset={"dir": str(args.dataset_dir), "name": data.name, "users": data.n_users, "items": data.n_items},
+        backbone=backbone, gpu_machine=machine, rows=rows, table=table))
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
