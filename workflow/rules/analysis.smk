@@ -21,7 +21,7 @@ rule significance:
     input:
         ranks=[f"{run}/ranks.parquet" for run in all_runs()],
     output:
-        tests=f"{OUT}/tables/significance.csv",
+        tests=report(f"{OUT}/tables/significance.csv", caption="../report/significance.rst", category="Significance"),
         intervals=f"{OUT}/tables/intervals.csv",
     params:
         runs=all_runs(),
@@ -39,7 +39,8 @@ rule sparsity_groups:
         datasets=expand(f"{OUT}/data/{{dataset}}/dataset.json", dataset=config["datasets"]),
     output:
         csv=f"{OUT}/tables/figure4_sparsity.csv",
-        figure=multiext(f"{OUT}/figures/figure4_sparsity", ".png", ".pdf"),
+        figure=report(multiext(f"{OUT}/figures/figure4_sparsity", ".png", ".pdf"), caption="../report/figure4.rst",
+                      category="Figures"),
     params:
         runs=all_runs(),
         datasets=[dataset_dir(d) for d in config["datasets"]],
@@ -58,7 +59,7 @@ rule sampled_vs_full:
     input:
         ranks=[f"{run}/ranks.parquet" for run in all_runs()],
     output:
-        summary=f"{OUT}/tables/sampled_vs_full.csv",
+        summary=report(f"{OUT}/tables/sampled_vs_full.csv", caption="../report/protocols.rst", category="Analyses"),
         flips=f"{OUT}/tables/sampled_vs_full_flips.csv",
     params:
         runs=all_runs(),
@@ -75,7 +76,8 @@ rule ablation_figure:
         rules.metrics.output,
     output:
         csv=f"{OUT}/tables/figure3_ablation.csv",
-        figure=multiext(f"{OUT}/figures/figure3_ablation", ".png", ".pdf"),
+        figure=report(multiext(f"{OUT}/figures/figure3_ablation", ".png", ".pdf"), caption="../report/figure3.rst",
+                      category="Figures"),
     params:
         stem=lambda wildcards, output: Path(output.figure[0]).with_suffix(""),
     log:

@@ -52,7 +52,7 @@ rule table2:
     input:
         expand(f"{OUT}/data/{{dataset}}/dataset.json", dataset=config["datasets"]),
     output:
-        f"{OUT}/tables/table2.csv",
+        report(f"{OUT}/tables/table2.csv", caption="../report/table2.rst", category="Tables"),
     log:
         f"{OUT}/logs/table2.log",
     conda:

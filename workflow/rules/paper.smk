@@ -8,8 +8,10 @@ rule paper_tables:
         significance=rules.significance.output.tests,
         paper="paper/paper_targets.tsv",
     output:
-        multiext(f"{OUT}/tables/table3", ".csv", ".md", ".tex"),
-        multiext(f"{OUT}/tables/table6", ".csv", ".md", ".tex"),
+        report(f"{OUT}/tables/table3.csv", caption="../report/table3.rst", category="Tables"),
+        multiext(f"{OUT}/tables/table3", ".md", ".tex"),
+        report(f"{OUT}/tables/table6.csv", caption="../report/table6.rst", category="Tables"),
+        multiext(f"{OUT}/tables/table6", ".md", ".tex"),
     params:
         out_dir=lambda wildcards, output: Path(output[0]).parent,
         datasets=config["datasets"],
