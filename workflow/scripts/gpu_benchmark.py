@@ -119,6 +119,10 @@ def row(what: str, setting: str, batch: int | str, time_text: str, throughput: s
             "warm-up": warmup, "peak GPU GiB": "-" if peak is None else f"{peak:.2f}", **values}
 
 
+def per_second(value: float, unit: str) -> str:
+    return f"{value:,.0f} {unit}/s" if value >= 100 else f"{value:.3g} {unit}/s"
+
+
 def markdown(rows: list[dict]) -> str:
     columns = ["what", "setting", "batch", "time", "throughput", "warm-up", "peak GPU GiB"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -192,7 +196,7 @@ def time_e4srec_training(model, data, args, device, mode: str, batch_size: int) 
     timed = seconds[args.warmup:] or seconds
     median = statistics.median(timed)
     return row("E4SRec training step", mode, batch_size, f"{median * 1e3:.1f} ms/step",
-               f"{batch_size / median:,.0f} examples/s", f"first step {seconds[0]:.1f} s", peak_gib(device),
+               per_second(batch_size / median, "examples"), f"first step {seconds[0]:.1f} s", peak_gib(device),
                median_seconds=median, min_seconds=min(timed), steps=len(timed), first_step_seconds=seconds[0],
                warmup_steps=min(args.warmup, len(seconds) - len(timed)))
 
@@ -214,7 +218,7 @@ def time_e4srec_scoring(model, data, args, device) -> dict:
     assert len(ranks["full"]) == len(users)
     rate = len(users) / timer.seconds
     return row("E4SRec scoring (rank_split, all items)", f"{len(users)} users", args.eval_batch_size,
-               f"{timer.seconds:.2f} s", f"{rate:,.0f} users/s", f"first batch {warm.seconds:.1f} s",
+               f"{timer.seconds:.2f} s", per_second(rate, "users"), f"first batch {warm.seconds:.1f} s",
                peak_gib(device), seconds=timer.seconds, users=len(users), users_per_second=rate,
                warmup_seconds=warm.seconds)
 
@@ -236,7 +240,7 @@ def time_sasrec_epochs(data, args, device, loss: str) -> dict:
     first, second = (epoch["seconds"] for epoch in record["epochs"][:2])
     examples = record["epochs"][1]["examples"]
     return row("SASRec epoch (shared trainer)", loss, args.sasrec_batch_size, f"{second:.2f} s/epoch",
-               f"{examples / second:,.0f} sequences/s", f"epoch 0 {first:.2f} s", peak_gib(device),
+               per_second(examples / second, "sequences"), f"epoch 0 {first:.2f} s", peak_gib(device),
                epoch_seconds=[first, second], examples=examples)
 
 
@@ -258,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     from e4srec.data import SequenceData
     from e4srec.files import write_json
 
+    if not (Path(args.dataset_dir) / "dataset.json").is_file():
+        print(f"gpu_benchmark.py: {args.dataset_dir}: not a prepared dataset folder (no dataset.json; "
+              "write one with `e4srec prepare` or the workflow's <out>/data/<dataset>)", file=sys.stderr)
+        return 2
     device = torch.device("cpu" if args.cpu_smoke_test else "cuda")
     data = SequenceData.load(args.dataset_dir)
     log(f"{data.name}: {data.n_users} users, {data.n_items} items, device {device}")
@@ -284,17 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         log(f"SASRec epoch: {loss}")
         rows.append(time_sasrec_epochs(data, args, device, loss))
     table = markdown(rows)
-    machine = provenance.machine()
-    if device.type == "cuda":
-        machine["gpu"] = torch.cuda.get_device_name(device)
-        machine["cuda"] = torch.version.cuda
-    print(f"{data.name}, {device.type}: {machine.get('gpu', 'CPU (smoke test: timings mean nothing)')}, "
+    gpu = {"name": torch.cuda.get_device_name(device), "cuda": torch.version.cuda} if device.type == "cuda" else None
+    print(f"{data.name}: {gpu['name'] if gpu else 'CPU (smoke test: timings mean nothing)'}, "
           f"torch {torch.__version__}\n")
     print(table)
     write_json(args.out, provenance.record(
         benchmark="workflow/scripts/gpu_benchmark.py", smoke_test=args.cpu_smoke_test, arguments=vars(args),
         dataset={"dir": str(args.dataset_dir), "name": data.name, "users": data.n_users, "items": data.n_items},
-        backbone=backbone, gpu_machine=machine, rows=rows, table=table))
+        backbone=backbone, gpu=gpu, rows=rows, table=table))
     log(f"wrote {args.out}")
     return 0
 
