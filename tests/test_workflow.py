@@ -67,3 +67,12 @@ def test_test_profile_runs_end_to_end(tmp_path):
     again = snakemake("-n", "--configfile", ".test/config.yaml", "--config", f"out={out}",
                       f"resources={tmp_path}/resources")
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_slurm_profile_plans_gpu_jobs(tmp_path):
+    """The SLURM workflow profile parses and gives training rules a GPU (dry run, no cluster)."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    result = snakemake("-n", "--workflow-profile", "workflow/profiles/slurm", "--configfile", ".test/config.yaml",
+                       "--config", f"out={tmp_path}/results", f"resources={tmp_path}/resources")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "slurm_extra=--gres=gpu:1" in result.stdout
