@@ -85,8 +85,23 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str
     from safetensors.torch import save_file
 
     tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    # safetensors writes a metadata map in a random order per process; one key holding sorted
+    # JSON keeps identical runs byte-identical (read it back with read_metadata).
+    packed = {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
     with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=packed)
+
+
+METADATA_KEY = "e4srec"
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata dict that :func:`save_tensors` stored (empty if none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        stored = handle.metadata() or {}
+    return json.loads(stored[METADATA_KEY]) if METADATA_KEY in stored else dict(stored)
 
 
 def load_tensors(path: str | os.PathLike) -> dict:

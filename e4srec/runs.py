@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import os
 import time
+import types
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,7 @@ from .evaluate import rank_all
 from .files import InputError, save_tensors, sha256_file, write_json, write_parquet
 from .metrics import all_metrics
 from .recommender import Recommender
-from .trainer import TrainConfig, make_accelerator, train
+from .trainer import TrainConfig, check_device, make_accelerator, train
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +44,40 @@ def model_class(name: str) -> type[Recommender]:
     return getattr(importlib.import_module(module), cls)
 
 
+def _has_type(value, hint) -> bool:
+    """Whether a JSON/YAML value fits a dataclass field's annotation (an int fits float; bool is not an int)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        args = typing.get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value) if args else isinstance(value, list)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool, dict, tuple):
+        return isinstance(value, hint)
+    return True  # anything else is left to the dataclass
+
+
 def model_config(cls: type[Recommender], params: dict, where: str = "config"):
-    """The model's hyperparameter dataclass from a dict; an unknown key is an error that names it."""
+    """The model's hyperparameter dataclass from a dict; an unknown key or a value of the wrong type is an
+    error that names it."""
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = sorted(set(params) - fields)
     if unknown:
         raise InputError(f"{where}: unknown parameter(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
+    try:
+        hints = typing.get_type_hints(cls.config_class)
+    except Exception:  # noqa: BLE001 (an annotation that does not evaluate: leave the checks to the dataclass)
+        hints = {}
+    for key, value in params.items():
+        if key in hints and not _has_type(value, hints[key]):
+            kind = hints[key].__name__ if isinstance(hints[key], type) else str(hints[key])
+            raise InputError(f"{where}: parameter {key!r} of {cls.__name__} must be {kind}, got {value!r}")
     return cls.config_class(**params)
 
 
@@ -61,14 +92,35 @@ def input_checksums(dataset_dir: str | Path) -> dict[str, str]:
     return {name: sha256_file(folder / name) for name in ("sequences.parquet", "negatives.parquet", "dataset.json")}
 
 
+GPU_NOTE = ("CPU runs with the same seed, thread count and package versions give the same ranks bit for bit "
+            "(tests/test_reliability.py); GPU runs are not bitwise reproducible (non-deterministic CUDA "
+            "kernels such as atomic adds in scatter/index_add and embedding backward, cuBLAS and cuDNN "
+            "algorithm choice, bf16 autocast, torch.compile): reruns on a GPU agree only statistically")
+
+
+def nondeterminism_settings(device) -> dict:
+    """The settings that decide whether a rerun gives the same numbers bit for bit."""
+    return {
+        "device_type": torch.device(device).type,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "deterministic_algorithms_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "torch_threads": torch.get_num_threads(),
+        "note": GPU_NOTE,
+    }
+
+
 def run(dataset_dir: str | Path, model_name: str, out_dir: str | Path, *, variant: str = "default",
         seed: int = 0, params: dict | None = None, train_params: dict | None = None,
         ties: str = "pessimistic", progress: bool = True, **context) -> dict:
     """Train and evaluate one model on one prepared dataset; write the run folder; return its record."""
     out_dir = Path(out_dir)
     provenance.git_state()  # the commit as the run starts (cached): the code that actually ran
-    data = SequenceData.load(dataset_dir)
     train_config = TrainConfig.from_dict({**(train_params or {}), "seed": seed})
+    check_device(train_config)  # no GPU for device: cuda -> fail before loading anything
+    data = SequenceData.load(dataset_dir)
     torch.manual_seed(seed)
     np.random.seed(seed)
     model = build_model(model_name, data, params, **context)
@@ -90,6 +142,7 @@ def run(dataset_dir: str | Path, model_name: str, out_dir: str | Path, *, varian
         inputs={"dataset_dir": str(dataset_dir), "sha256": input_checksums(dataset_dir),
                 "raw_sha256": data.record["raw"]["sha256"], "negatives": data.record["negatives"]},
         metrics=summary, total_seconds=time.perf_counter() - started,
+        nondeterminism=nondeterminism_settings(device),
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
         **{k: str(v) for k, v in context.items()},
     )

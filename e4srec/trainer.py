@@ -5,13 +5,17 @@ every epoch (full ranking, NDCG@10, no history masking), early stopping with pat
 checkpoint restored at the end. Runs through ``accelerate`` (bf16 autocast on a GPU, fp32 on the
 CPU). Resumable: after each epoch the trainable weights, the optimizer and the trainer state are
 written atomically (safetensors + JSON); each epoch reseeds from (seed, epoch), so a resumed run
-ends with the same weights as an uninterrupted one on the CPU.
+ends with the same weights as an uninterrupted one on the CPU. An epoch's tensors are first staged
+(``*.next.safetensors``, tagged with the epoch), ``state.json`` commits them, and only then do they
+replace ``best``/``last``/``optimizer``: a process killed at any moment resumes from one
+consistent epoch (uncommitted staged files are dropped, committed ones moved into place).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+import os
 import resource
 import time
 import warnings
@@ -23,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .data import SequenceData
 from .evaluate import rank_split
-from .files import load_tensors, read_json, save_tensors, write_json
+from .files import InputError, load_tensors, read_json, read_metadata, save_tensors, write_json
 from .metrics import ndcg
 from .recommender import Recommender
 
@@ -49,7 +53,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"trainer settings: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
 
 
 def seed_everything(*seeds: int) -> None:
@@ -57,12 +64,46 @@ def seed_everything(*seeds: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence(list(seeds)).generate_state(1)[0]))
 
 
+def check_device(config: TrainConfig) -> None:
+    """Fail at once (before any data or model is loaded) when a GPU is asked for but none is visible."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for, but no GPU is visible (torch.cuda.is_available() is False)")
+
+
+def out_of_memory_message(config: TrainConfig, epoch: int, step: int, device, err: BaseException) -> str:
+    """What to lower when a training step runs out of GPU memory."""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"out of GPU memory in the training step (epoch {epoch}, step {step}, batch_size {config.batch_size}, "
+            f"device {device}): lower batch_size (now {config.batch_size}; for instruction tuning, "
+            "micro_batch_size), or for a large backbone load it quantised with `load_in: 4bit` "
+            f"(E4SRec params). CUDA said: {first_line}")
+
+
+CHECKPOINT_FILES = ("best", "last", "optimizer")
+
+
+def _settle_checkpoint(checkpoint_dir: Path, epoch: int) -> None:
+    """Move the files staged for ``epoch`` (committed by state.json) into place; delete any other
+    staged file (an epoch killed before its commit)."""
+    for name in CHECKPOINT_FILES:
+        staged = checkpoint_dir / f"{name}.next.safetensors"
+        if not staged.exists():
+            continue
+        try:
+            staged_epoch = read_metadata(staged).get("epoch")
+        except Exception:  # noqa: BLE001 (unreadable: never committed)
+            staged_epoch = None
+        if staged_epoch == str(epoch):
+            os.replace(staged, checkpoint_dir / f"{name}.safetensors")
+        else:
+            staged.unlink()
+
+
 def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
 
     use_cpu = config.device == "cpu" or not torch.cuda.is_available()
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for, but no GPU is visible (torch.cuda.is_available() is False)")
+    check_device(config)
     precision = config.mixed_precision
     if precision == "auto":
         precision = "no" if use_cpu else "bf16"
@@ -109,10 +150,10 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
     expected = trainable_state(model)
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks {missing[:3]} ({len(missing)} tensors): it was saved by another model")
+        raise InputError(f"{path}: checkpoint lacks {missing[:3]} ({len(missing)} tensors): it was saved by another model")
     for name, tensor in state.items():
         if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+            raise InputError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(expected[name].shape)}")
     model.load_state_dict(state, strict=False)
 
@@ -187,6 +228,7 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
     state_path = checkpoint_dir / "state.json"
     if state_path.exists():  # resume
         state = read_json(state_path)
+        _settle_checkpoint(checkpoint_dir, state["epoch"])  # finish (or drop) a checkpoint cut short
         load_trainable_state(raw_model, load_tensors(checkpoint_dir / "last.safetensors"), checkpoint_dir / "last.safetensors")
         _load_optimizer(optimizer, load_tensors(checkpoint_dir / "optimizer.safetensors"), state["optimizer"])
         with warnings.catch_warnings():  # replaying the schedule before any optimizer step is intended
@@ -194,6 +236,8 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
             for _ in range(state["step"]):
                 scheduler.step()
         log.info("resumed from %s after epoch %d", checkpoint_dir, state["epoch"])
+    else:
+        _settle_checkpoint(checkpoint_dir, state["epoch"])  # drops staged files of a run killed in epoch 0
 
     model.train()
     for epoch in range(state["epoch"] + 1, config.epochs):
@@ -208,16 +252,20 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
         for index, batch in enumerate(bar):
             if index >= n_batches:
                 break
-            with accelerator.autocast():
-                loss = model(batch)  # Recommender.forward is calculate_loss (so DDP wrappers sync)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {state['step']} "
-                                         f"(batch {index}, users {batch['user'][:8].tolist()}...): lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-            optimizer.step()
+            try:
+                with accelerator.autocast():
+                    loss = model(batch)  # Recommender.forward is calculate_loss (so DDP wrappers sync)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {state['step']} "
+                                             f"(batch {index}, users {batch['user'][:8].tolist()}...): "
+                                             "lower the learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                if config.max_grad_norm:
+                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+                optimizer.step()
+            except torch.cuda.OutOfMemoryError as err:
+                raise RuntimeError(out_of_memory_message(config, epoch, state["step"], device, err)) from err
             scheduler.step()
             state["step"] += 1
             total_loss += loss.item()
@@ -232,17 +280,19 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
         log.info("%s epoch %d: loss %.4f, valid NDCG@10 %.4f, %.1f s", data.name, epoch,
                  total_loss / max(n_batches, 1), valid, seconds)
         weights = trainable_state(raw_model)
+        tag = {"epoch": str(epoch)}  # staged, then committed by state.json (see _settle_checkpoint)
         if improved:
             state.update(best_epoch=epoch, best_valid_ndcg10=valid, bad_epochs=0)
-            save_tensors(checkpoint_dir / "best.safetensors", weights)
+            save_tensors(checkpoint_dir / "best.next.safetensors", weights, metadata=tag)
         else:
             state["bad_epochs"] += 1
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-        save_tensors(checkpoint_dir / "last.safetensors", weights)
-        save_tensors(checkpoint_dir / "optimizer.safetensors", opt_tensors)
+        save_tensors(checkpoint_dir / "last.next.safetensors", weights, metadata=tag)
+        save_tensors(checkpoint_dir / "optimizer.next.safetensors", opt_tensors, metadata=tag)
         state["epoch"] = epoch
         state["optimizer"] = opt_meta
-        write_json(state_path, state)  # written last: it marks the epoch as complete
+        write_json(state_path, state)  # the commit: it marks the epoch as complete
+        _settle_checkpoint(checkpoint_dir, epoch)
 
     if state["best_epoch"] >= 0:
         best = checkpoint_dir / "best.safetensors"
