@@ -28,7 +28,7 @@ import torch
 
 from .backbone import load_backbone, load_tokenizer, read_backbone_record, write_backbone_folder
 from .files import InputError, atomic_path, sha256_file, write_json
-from .model import quiet_peft
+from .model import PAPER_LORA_MODULES, quiet_peft
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class InstructConfig:
     lora_r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    target_modules: list[str] = dataclasses.field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: list(PAPER_LORA_MODULES))
     epochs: int = 1
     learning_rate: float = 3e-4
     weight_decay: float = 0.0

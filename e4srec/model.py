@@ -214,6 +214,9 @@ def _expanded_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], batch_size:
 # Configuration
 
 
+PAPER_LORA_MODULES = ("gate_proj", "up_proj", "down_proj")  # LoRA targets of stages 2 and 3 (the paper)
+
+
 @dataclasses.dataclass
 class E4SRecConfig:
     """E4SRec's settings; defaults follow the paper (Section 4 and Table 5)."""
@@ -221,7 +224,7 @@ class E4SRecConfig:
     lora_r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    target_modules: list[str] = dataclasses.field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: list(PAPER_LORA_MODULES))
     instruction_prefix: str = PAPER_INSTRUCTION_PREFIX  # token embeddings before the history
     response_prefix: str = PAPER_RESPONSE_PREFIX  # token embeddings after it; its last position is read
     item_embedding_dim: int = 64  # SASRec's embedding size
