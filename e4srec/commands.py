@@ -1,5 +1,5 @@
 """Command-line subcommands of E4SRec's stages 2 and 4: ``backbone``, ``instruct``, ``recommend``,
-``components-size``. ``e4srec/cli.py`` adds them with :func:`register`; :func:`main` runs them alone.
+``components-size``, ``serving``. ``e4srec/cli.py`` adds them with :func:`register`; :func:`main` runs them alone.
 
 Every subcommand prints one JSON document on stdout; bad input exits with status 2 and one line on
 stderr that names the file and the problem.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .files import InputError
 
@@ -85,6 +86,25 @@ def cmd_components_size(args) -> int:
     return 0
 
 
+def cmd_serving(args) -> int:
+    from .deploy import read_components
+    from .extensibility import measure_serving, serving_table
+    from .files import write_json, write_text
+
+    components = {}
+    for folder in args.components:
+        name = read_components(folder)["dataset"]
+        if name in components:
+            raise InputError(f"{folder}: dataset {name!r} given twice (also {components[name]})")
+        components[name] = folder
+    result = measure_serving(args.backbone, components, rounds=args.rounds, seed=args.seed, device=args.device)
+    out = Path(args.out)
+    write_json(out, result)
+    write_text(out.with_suffix(".md"), serving_table(result))
+    _print(result)
+    return 0
+
+
 def register(subparsers) -> None:
     """Add the E4SRec subcommands to an ``argparse`` subparsers object (each sets ``func``)."""
     p = subparsers.add_parser("backbone", help="resolve the backbone LLM into a plain Hugging Face folder",
@@ -130,6 +150,19 @@ def register(subparsers) -> None:
     p.add_argument("--components", action="append", required=True, help="a components folder (repeatable)")
     p.add_argument("--backbone", help="backbone folder (default: the size recorded in components.json)")
     p.set_defaults(func=cmd_components_size)
+
+    p = subparsers.add_parser("serving", help="extensibility: one backbone serving several datasets' components",
+                              description="Load one backbone, plug in every components folder, and measure load "
+                                          "times, the bytes each dataset adds, recommend latency with and without a "
+                                          "switch of dataset, and that scores equal those of each dataset served "
+                                          "alone. Writes OUT (JSON) and OUT with suffix .md (one table).")
+    p.add_argument("--backbone", required=True, help="the backbone folder the components were trained on")
+    p.add_argument("--components", action="append", required=True, help="a components folder (repeatable, >= 2)")
+    p.add_argument("--out", required=True, help="JSON file to write (the table goes beside it as .md)")
+    p.add_argument("--rounds", type=int, default=20, help="timed recommend calls per dataset and case")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random histories")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.set_defaults(func=cmd_serving)
 
 
 def run(args) -> int:

@@ -255,6 +255,30 @@ def test_reload_on_shared_backbone_gives_identical_scores(tiny, components):
         service.add("A", components["A"][1])
 
 
+def test_serving_measures_two_datasets_on_one_backbone(tiny, components, tmp_path):
+    """`e4srec serving`: bytes each dataset adds (counted from its tensors), timings, identical scores."""
+    out = tmp_path / "serving.json"
+    assert commands.main(["serving", "--backbone", str(tiny["backbone"]), "--components", str(components["A"][1]),
+                          "--components", str(components["B"][1]), "--out", str(out), "--rounds", "3"]) == 0
+    result = json.loads(out.read_text())
+    assert result["all_identical"] is True and list(result["datasets"]) == ["A", "B"]
+    hidden = 32
+    for name, n_items in (("A", N_ITEMS), ("B", 20)):
+        added = result["datasets"][name]["added_bytes"]
+        assert added["item_table"] == (n_items + 1) * 64 * 4
+        assert added["projections"] == (hidden * 64 + hidden + (n_items + 1) * hidden) * 4
+        adapter = load_tensors(components[name][1] / "adapter" / "adapter_model.safetensors")
+        assert added["lora"] == sum(t.numel() for t in adapter.values()) * 4
+        assert result["datasets"][name]["recommend_seconds_switched"] > 0
+    shared = result["backbone"]["parameter_bytes"]
+    assert result["total_bytes"] == shared + sum(d["added_bytes"]["total"] for d in result["datasets"].values())
+    assert result["separate_backbones_bytes"] == result["total_bytes"] + shared
+    table = out.with_suffix(".md").read_text()
+    assert "| A | 30 |" in table and "| B | 20 |" in table and "NO" not in table
+    assert commands.main(["serving", "--backbone", str(tiny["backbone"]), "--components", str(components["A"][1]),
+                          "--out", str(tmp_path / "one.json")]) == 2  # one dataset: nothing to share
+
+
 def test_components_mismatches_are_errors(tiny, components, tmp_path):
     _, folder, record = components["A"]
     wider = write_tiny_backbone(tmp_path / "wider", hidden_size=48)

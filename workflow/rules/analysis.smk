@@ -88,8 +88,27 @@ rule ablation_figure:
         "e4srec ablation --metrics {input} --out {output.csv} --figure {params.stem} 2> {log}"
 
 
+rule serving:
+    input:
+        **serving_inputs(),
+    output:
+        json=f"{OUT}/tables/extensibility_serving.json",
+        table=report(f"{OUT}/tables/extensibility_serving.md", caption="../report/serving.rst", category="Tables"),
+    params:
+        components=lambda wildcards, input: " ".join(f"--components {c}" for c in input.components),
+        device=config["device"],
+    log:
+        f"{OUT}/logs/serving.log",
+    conda:
+        "../envs/e4srec.yaml"
+    shell:
+        "e4srec serving --backbone {input.backbone} {params.components} --device {params.device} "
+        "--out {output.json} > /dev/null 2> {log}"
+
+
 rule analysis:
     input:
+        rules.serving.output if serving_inputs() else [],
         rules.ablation_figure.output,
         rules.sparsity_groups.output,
         rules.sampled_vs_full.output,

@@ -1,6 +1,7 @@
 # Helpers shared by the rules (no rules here): paths, run lists and per-run parameters.
 import json
 import re
+import types
 from pathlib import Path
 
 KNOWN_DATASETS = ["Beauty", "Sports_and_Outdoors", "Toys_and_Games", "Yelp"]
@@ -123,3 +124,12 @@ def e4srec_train_params(wildcards):
     settings = {"device": config["device"], **config["e4srec"]["train"],
                 **config["e4srec"]["train_per_dataset"].get(wildcards.dataset, {})}
     return as_json(settings)
+
+
+def serving_inputs():
+    """The backbone and every dataset's first-seed E4SRec components (none without E4SRec or with one dataset)."""
+    if not config["e4srec"]["enabled"] or len(config["datasets"]) < 2:
+        return {}
+    seed = config["e4srec"]["seeds"][0]
+    components = [f"{run_dir(d, 'E4SRec', 'default', seed)}/components" for d in config["datasets"]]
+    return {"backbone": e4srec_backbone_dir(types.SimpleNamespace(variant="default")), "components": components}
