@@ -116,7 +116,7 @@ def cmd_protocols(args) -> None:
 
 def cmd_rebuild(args) -> None:
     """Every table and figure from the run folders present under a results folder (no training)."""
-    from . import analysis, significance, tables
+    from . import analysis, efficiency, significance, tables
 
     root = Path(args.results)
     runs = sorted(str(p.parent) for p in root.glob("runs/*/*/*/seed~*/run.json") if (p.parent / "ranks.parquet").exists())
@@ -132,6 +132,9 @@ def cmd_rebuild(args) -> None:
     dataset_dirs = [str(root / "data" / d) for d in {Path(r).parts[-4] for r in runs} if (root / "data" / d).exists()]
     if dataset_dirs:  # Figure 4 needs the prepared datasets (history lengths), which are not committed
         analysis.write_sparsity(runs, dataset_dirs, out / "figure4_sparsity.csv", root / "figures" / "figure4_sparsity")
+    if efficiency.e4srec_run_paths(root / "runs"):  # Tables 4 and 5 describe E4SRec's runs
+        efficiency.write_table4(root / "runs", out)
+        efficiency.write_table5(root / "runs", out)
     log.info("rebuilt tables from %d runs under %s", len(runs), root)
 
 
@@ -146,6 +149,18 @@ def cmd_table2(args) -> None:
     from . import tables
 
     tables.write_table2(args.records, args.paper, args.out)
+
+
+def cmd_table4(args) -> None:
+    from . import efficiency
+
+    efficiency.write_table4(args.runs, args.out_dir, args.paper)
+
+
+def cmd_table5(args) -> None:
+    from . import efficiency
+
+    efficiency.write_table5(args.runs, args.out_dir, args.paper)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", required=True, help="paper_table2.tsv")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_table2)
+
+    p = sub.add_parser("table4", help="Table 4, E4SRec's efficiency from the run records, beside the paper's")
+    p.add_argument("--runs", required=True, help="runs folder (DATASET/MODEL/VARIANT/seed~N/run.json)")
+    p.add_argument("--paper", default="paper/paper_table4.tsv")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_table4)
+
+    p = sub.add_parser("table5", help="Table 5, E4SRec's training configuration as run, beside the paper's")
+    p.add_argument("--runs", required=True, help="runs folder (DATASET/MODEL/VARIANT/seed~N/run.json)")
+    p.add_argument("--paper", default="paper/paper_table5.tsv")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_table5)
 
     from . import commands  # stages 2 and 4: backbone, instruct, recommend, components-size
 

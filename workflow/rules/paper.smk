@@ -24,7 +24,46 @@ rule paper_tables:
         "--intervals {input.intervals} --significance {input.significance} --out-dir {params.out_dir} 2> {log}"
 
 
+rule table4:
+    input:
+        records=[f"{run}/run.json" for run in all_runs()],
+        paper="paper/paper_table4.tsv",
+    output:
+        report(f"{OUT}/tables/table4.csv", caption="../report/table4.rst", category="Tables"),
+        multiext(f"{OUT}/tables/table4", ".md", ".tex", ".provenance.json"),
+    params:
+        runs=lambda wildcards, output: Path(output[0]).parent.parent / "runs",  # {OUT}/runs beside {OUT}/tables
+        out_dir=lambda wildcards, output: Path(output[0]).parent,
+    log:
+        f"{OUT}/logs/table4.log",
+    conda:
+        "../envs/e4srec.yaml"
+    shell:
+        "e4srec table4 --runs {params.runs} --paper {input.paper} --out-dir {params.out_dir} 2> {log}"
+
+
+rule table5:
+    input:
+        records=[f"{run}/run.json" for run in all_runs()],
+        paper="paper/paper_table5.tsv",
+    output:
+        report(f"{OUT}/tables/table5.csv", caption="../report/table5.rst", category="Tables"),
+        multiext(f"{OUT}/tables/table5", ".md", ".tex", ".provenance.json"),
+    params:
+        runs=lambda wildcards, output: Path(output[0]).parent.parent / "runs",  # {OUT}/runs beside {OUT}/tables
+        out_dir=lambda wildcards, output: Path(output[0]).parent,
+    log:
+        f"{OUT}/logs/table5.log",
+    conda:
+        "../envs/e4srec.yaml"
+    shell:
+        "e4srec table5 --runs {params.runs} --paper {input.paper} --out-dir {params.out_dir} 2> {log}"
+
+
 rule paper:
     input:
         rules.table2.output,
         rules.paper_tables.output,
+        # Tables 4 and 5 describe E4SRec's runs
+        rules.table4.output if config["e4srec"]["enabled"] else [],
+        rules.table5.output if config["e4srec"]["enabled"] else [],

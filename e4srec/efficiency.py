@@ -1,0 +1,411 @@
+"""Tables 4 (efficiency) and 5 (training configuration), read from the run records (``run.json``).
+
+Nothing here trains or times anything: every number is what a run recorded about itself, read from
+``RUNS/<dataset>/E4SRec/default/seed~<n>/run.json`` (one row, or column, per such record), with the
+paper's values beside ours from ``paper/paper_table4.tsv`` and ``paper/paper_table5.tsv``.
+
+Table 4, efficiency (long form: dataset, seed, quantity, value, paper_value):
+
+- ``machine``: the GPU names of ``machine.gpus`` when ``training.device`` is CUDA, else ``CPU (N cores)``
+  from ``machine.cpu_count``; paper: one A800.
+- ``backbone``: ``backbone.parent.source`` (the backbone before instruction tuning; ``embedded`` is
+  SmolLM2-135M-Instruct, see :mod:`e4srec.backbone`), its architecture, ``backbone.parameters`` and
+  ``backbone.dtype``; paper: LLaMA2-13B in 8 bits.
+- ``training examples per epoch``, ``epochs run``: ``training.epochs[*].examples`` and the number of
+  epochs recorded.
+- ``first epoch (s, includes compilation)``: ``training.epochs[0].seconds``, wall clock of the first
+  epoch, which also pays for ``torch.compile`` and CUDA warm-up.
+- ``later epochs, median (s)`` and ``training examples per second, later epochs (median)``: the median
+  over the epochs after the first (the first when only one ran) of ``seconds`` and of
+  ``examples / seconds``.
+- ``training total (s, with per-epoch validation)``: ``training.train_seconds``.
+- ``SASRec later epochs, median (s)`` and ``SASRec machine``: the same median and machine for the
+  reference baseline, from ``RUNS/<dataset>/SASRec/default/seed~0/run.json`` (empty when absent).
+- ``evaluation pass (s)``, ``evaluation users``, ``evaluation users per second``: ``evaluation.seconds``
+  and ``evaluation.users``. The pass ranks every user's validation and test items (two scorings of all
+  items per user, batched) and derives the three protocols (full, full_masked, sampled) from the same
+  scores. ``evaluation s per ranked instance`` is ``seconds / (2 x users)``, beside the paper's 0.23 s
+  per instance (whose batching the paper does not state; the bare backbone's 0.21 s has no
+  counterpart here).
+- ``trainable parameters``, ``backbone parameters`` and their ratio: ``trainable_parameters`` (LoRA,
+  input projection and item scorer) over ``backbone.parameters``; paper: "about 1%".
+- ``backbone weights (GB)``, ``components (GB)``, ``E4SRec storage: backbone + components (GB)`` and
+  ``components / backbone weights``: ``backbone.weights_bytes`` and ``components.size_bytes.total``
+  (adapter, projections and item table; the breakdown in MB is a row of its own), GB = 10^9 bytes;
+  paper: 12.12 GB and 12.23 GB.
+- ``100 datasets on one backbone (x backbone)``: (backbone + 100 x components) / backbone, the storage
+  of serving 100 datasets from one shared backbone (paper: about 2x); ``100 datasets, a tuned backbone
+  each (x backbone)``: 100 x (backbone + components) / backbone, the alternative of fine-tuning one
+  backbone copy per dataset.
+
+Table 5, configuration as run (long form: dataset, setting, value, paper_value, same_as_paper, note):
+one row per setting of :func:`configuration`, read from ``training.config`` (epochs, batch size,
+learning rate, warmup steps, weight decay, scheduler), ``components.config`` (LoRA r, alpha, dropout,
+target modules), ``backbone`` (name, weights, ``instruction_tuning``) and the seeds present.
+``same_as_paper`` is yes/no, or n/a where the paper gives no value. The seeds of one dataset must
+agree on every setting.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from . import provenance
+from .data import paper_name
+from .files import InputError, read_json, write_json, write_text
+from .tables import SPLITS, write_csv
+
+PAPER_TABLE4 = "paper/paper_table4.tsv"
+PAPER_TABLE5 = "paper/paper_table5.tsv"
+MODEL = "E4SRec"
+VARIANT = "default"
+REFERENCE = ("SASRec", "default", 0)  # the baseline whose epoch time Table 4 shows for reference
+N_DATASETS = 100  # the paper's "100 E4SRec models need about 2x the backbone's storage"
+GB = 1e9
+MB = 1e6
+
+TABLE4_TITLE = "Table 4: efficiency of E4SRec (default variant) from the run records"
+TABLE4_CAPTION = (
+    "Epoch and evaluation times are wall clock as each run recorded it (run.json), not a benchmark: the "
+    "GPU may have been shared with other jobs. The committed H200 runs shared one GPU under CUDA MPS with "
+    "other training jobs (four E4SRec runs and up to six baseline runs at once), and CPU runs may have "
+    "shared their cores, so these times are upper bounds on the time the work needs. The first epoch also "
+    "pays for compilation and warm-up. The evaluation pass ranks each user's validation and test items "
+    "under three protocols; per ranked instance = seconds / (2 x users). The paper measured on one A800 "
+    "with LLaMA2-13B in 8 bits; its ratios, not its seconds or gigabytes, are comparable with ours.")
+TABLE5_TITLE = "Table 5: E4SRec's training configuration as run (default variant), beside the paper's"
+TABLE5_CAPTION = (
+    "Read from the run records: training.config, components.config and backbone of each seed's run.json. "
+    "same as paper: yes / no, or n/a where the paper gives no value.")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run.json, with lookups that name the file and the key when the key is missing."""
+
+    path: Path
+    data: dict
+
+    @classmethod
+    def read(cls, path: str | Path) -> RunRecord:
+        return cls(Path(path), read_json(path))
+
+    def has(self, key: str) -> bool:
+        try:
+            self.get(key)
+        except InputError:
+            return False
+        return True
+
+    def get(self, key: str):
+        """The value at a dotted key (``training.epochs.0.seconds``; digits index lists)."""
+        node = self.data
+        for part in key.split("."):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise InputError(f"{self.path}: missing key {key!r}")
+        return node
+
+    @property
+    def dataset(self) -> str:
+        return self.get("dataset")
+
+    @property
+    def seed(self) -> int:
+        return self.get("seed")
+
+
+def e4srec_run_paths(runs_root: str | Path) -> list[Path]:
+    """The run.json files of E4SRec's default variant under a runs folder, every dataset and seed."""
+    return sorted(Path(runs_root).glob(f"*/{MODEL}/{VARIANT}/seed~*/run.json"))
+
+
+def e4srec_runs(runs_root: str | Path) -> list[RunRecord]:
+    """E4SRec's default-variant run records, by dataset and seed; an error when there are none."""
+    paths = e4srec_run_paths(runs_root)
+    if not paths:
+        raise InputError(f"{runs_root}: no {MODEL} run records "
+                         f"({runs_root}/DATASET/{MODEL}/{VARIANT}/seed~N/run.json): train E4SRec first")
+    return sorted((RunRecord.read(p) for p in paths), key=lambda run: (run.dataset, run.seed))
+
+
+def reference_run(runs_root: str | Path, dataset: str) -> RunRecord | None:
+    model, variant, seed = REFERENCE
+    path = Path(runs_root) / dataset / model / variant / f"seed~{seed}" / "run.json"
+    return RunRecord.read(path) if path.is_file() else None
+
+
+def machine_name(run: RunRecord) -> str:
+    """The GPUs a run trained on (``2x NVIDIA H100``), or ``CPU (N cores)``."""
+    device = run.get("training.device")
+    if device.startswith("cuda"):
+        counts = Counter(run.get("machine.gpus"))
+        return ", ".join(name if n == 1 else f"{n}x {name}" for name, n in counts.items())
+    if device == "cpu":
+        return f"CPU ({run.get('machine.cpu_count')} cores)"
+    return device
+
+
+def later_epochs(run: RunRecord) -> list[dict]:
+    """The epochs after the first (which pays for compilation and warm-up), or the first alone."""
+    epochs = run.get("training.epochs")
+    if not epochs:
+        raise InputError(f"{run.path}: key 'training.epochs' lists no epoch")
+    return [{"seconds": run.get(f"training.epochs.{i}.seconds"), "examples": run.get(f"training.epochs.{i}.examples")}
+            for i in range(1 if len(epochs) > 1 else 0, len(epochs))]
+
+
+def median_epoch_seconds(run: RunRecord) -> float:
+    return statistics.median(epoch["seconds"] for epoch in later_epochs(run))
+
+
+def backbone_name(run: RunRecord) -> str:
+    """The backbone before instruction tuning, its architecture, size and dtype."""
+    source = run.get("backbone.parent.source") if run.has("backbone.parent") else run.get("backbone.source")
+    millions = run.get("backbone.parameters") / 1e6
+    return f"{source} ({run.get('backbone.architecture')}, {millions:.4g}M parameters, {run.get('backbone.dtype')})"
+
+
+# Table 4 ----------------------------------------------------------------------------------------------
+
+PAPER_TABLE4_QUANTITIES = ("gpu", "backbone", "inference_seconds_per_instance", "storage_gb", "backbone_storage_gb",
+                           "extra_parameters_share", "storage_ratio_100_models")
+
+
+def read_paper(paper_tsv: str | Path) -> pd.DataFrame:
+    """A paper TSV with every cell a string (empty where the paper gives nothing)."""
+    return pd.read_csv(paper_tsv, sep="\t", dtype=str, keep_default_na=False)
+
+
+def paper_table4_values(paper_tsv: str | Path) -> dict[str, str]:
+    """The paper's Table 4 by quantity; an error naming the file when one that Table 4 uses is missing."""
+    paper = read_paper(paper_tsv)
+    values = dict(zip(paper["quantity"], paper["value"]))
+    missing = [q for q in PAPER_TABLE4_QUANTITIES if q not in values]
+    if missing:
+        raise InputError(f"{paper_tsv}: no row for quantity {', '.join(missing)}")
+    return values
+
+
+def efficiency_rows(run: RunRecord, reference: RunRecord | None, paper: dict[str, str]) -> list[tuple[str, object, object]]:
+    """(quantity, ours, paper's) of one E4SRec run; see the module docstring for each quantity."""
+    later = later_epochs(run)
+    backbone_bytes = run.get("backbone.weights_bytes")
+    sizes = {part: run.get(f"components.size_bytes.{part}") for part in ("adapter", "projections", "item_embeddings", "total")}
+    share = sizes["total"] / backbone_bytes
+    users = run.get("evaluation.users")
+    eval_seconds = run.get("evaluation.seconds")
+    paper_storage, paper_backbone = float(paper["storage_gb"]), float(paper["backbone_storage_gb"])
+    return [
+        ("machine", machine_name(run), paper["gpu"]),
+        ("backbone", backbone_name(run), paper["backbone"]),
+        ("training examples per epoch", run.get("training.epochs.0.examples"), None),
+        ("epochs run", len(run.get("training.epochs")), None),
+        ("first epoch (s, includes compilation)", run.get("training.epochs.0.seconds"), None),
+        ("later epochs, median (s)", median_epoch_seconds(run), None),
+        ("training examples per second, later epochs (median)",
+         statistics.median(epoch["examples"] / epoch["seconds"] for epoch in later), None),
+        ("training total (s, with per-epoch validation)", run.get("training.train_seconds"), None),
+        (f"{REFERENCE[0]} later epochs, median (s)", median_epoch_seconds(reference) if reference else None, None),
+        (f"{REFERENCE[0]} machine", machine_name(reference) if reference else None, None),
+        ("evaluation pass (s)", eval_seconds, None),
+        ("evaluation users", users, None),
+        ("evaluation users per second", users / eval_seconds, None),
+        ("evaluation s per ranked instance", eval_seconds / (len(SPLITS) * users),
+         float(paper["inference_seconds_per_instance"])),
+        ("trainable parameters", run.get("trainable_parameters"), None),
+        ("backbone parameters", run.get("backbone.parameters"), None),
+        ("trainable / backbone parameters", run.get("trainable_parameters") / run.get("backbone.parameters"),
+         float(paper["extra_parameters_share"])),
+        ("backbone weights (GB)", backbone_bytes / GB, paper_backbone),
+        ("components (GB)", sizes["total"] / GB, paper_storage - paper_backbone),
+        ("components: adapter / projections / item table (MB)",
+         " / ".join(f"{sizes[part] / MB:.4g}" for part in ("adapter", "projections", "item_embeddings")), None),
+        ("E4SRec storage: backbone + components (GB)", (backbone_bytes + sizes["total"]) / GB, paper_storage),
+        ("components / backbone weights", share, (paper_storage - paper_backbone) / paper_backbone),
+        (f"{N_DATASETS} datasets on one backbone (x backbone)", 1 + N_DATASETS * share,
+         float(paper["storage_ratio_100_models"])),
+        (f"{N_DATASETS} datasets, a tuned backbone each (x backbone)", N_DATASETS * (1 + share), None),
+    ]
+
+
+def runs_with_references(runs_root: str | Path) -> list[tuple[RunRecord, RunRecord | None]]:
+    """Each E4SRec default run with its dataset's reference baseline run (None when absent)."""
+    return [(run, reference_run(runs_root, run.dataset)) for run in e4srec_runs(runs_root)]
+
+
+def _table4_frame(pairs: list[tuple[RunRecord, RunRecord | None]], paper_tsv: str | Path) -> pd.DataFrame:
+    paper = paper_table4_values(paper_tsv)
+    return pd.DataFrame([{"dataset": run.dataset, "seed": run.seed, "quantity": quantity, "value": value,
+                          "paper_value": paper_value}
+                         for run, reference in pairs
+                         for quantity, value, paper_value in efficiency_rows(run, reference, paper)])
+
+
+def table4(runs_root: str | Path, paper_tsv: str | Path = PAPER_TABLE4) -> pd.DataFrame:
+    """Table 4 in long form: one row per (E4SRec default run, quantity), the paper's value beside."""
+    return _table4_frame(runs_with_references(runs_root), paper_tsv)
+
+
+# Table 5 ----------------------------------------------------------------------------------------------
+
+
+def configuration(run: RunRecord) -> dict[str, object]:
+    """E4SRec's settings as one run recorded them, named as in ``paper/paper_table5.tsv``."""
+    tuned = run.has("backbone.instruction_tuning")
+    load_in = run.get("components.config.load_in")
+    return {
+        "epochs": run.get("training.config.epochs"),
+        "batch size": run.get("training.config.batch_size"),
+        "learning rate": run.get("training.config.learning_rate"),
+        "warmup steps": run.get("training.config.warmup_steps"),
+        "weight decay": run.get("training.config.weight_decay"),
+        "scheduler": run.get("training.config.scheduler"),
+        "LoRA r": run.get("components.config.lora_r"),
+        "LoRA alpha": run.get("components.config.lora_alpha"),
+        "LoRA dropout": run.get("components.config.lora_dropout"),
+        "LoRA target modules": run.get("components.config.target_modules"),
+        "backbone": backbone_name(run),
+        "backbone weights": run.get("backbone.dtype") if load_in == "none" else load_in,
+        "instruction tuning": "yes" if tuned else "no",
+        "instruction tuning settings": instruction_tuning_settings(run) if tuned else "none",
+    }
+
+
+def instruction_tuning_settings(run: RunRecord) -> str:
+    params = "backbone.instruction_tuning.params"
+    data = "backbone.instruction_tuning.data"
+    return (f"{run.get(f'{params}.epochs')} epoch(s), batch {run.get(f'{params}.batch_size')}, "
+            f"lr {run.get(f'{params}.learning_rate'):g}, warmup {run.get(f'{params}.warmup_steps')}, "
+            f"weight decay {run.get(f'{params}.weight_decay'):g}, LoRA {run.get(f'{params}.lora_r')}/"
+            f"{run.get(f'{params}.lora_alpha')}/{run.get(f'{params}.lora_dropout'):g} on "
+            f"{', '.join(run.get(f'{params}.target_modules'))}; {run.get(f'{data}.trained')} of "
+            f"{run.get(f'{data}.records')} records of {Path(run.get(f'{data}.path')).name}")
+
+
+def display(value) -> str:
+    """A setting as the table shows it: lists joined with commas, floats in their shortest form."""
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def same_as_paper(value, paper_value: str) -> str:
+    """yes / no, comparing numbers numerically and lists as sets; n/a where the paper is silent."""
+    if not paper_value:
+        return "n/a"
+    if isinstance(value, list):
+        same = {str(v).casefold() for v in value} == {p.strip().casefold() for p in paper_value.split(",")}
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        same = math.isclose(value, float(paper_value), rel_tol=1e-9)
+    else:
+        same = str(value).casefold() == paper_value.casefold()
+    return "yes" if same else "no"
+
+
+def dataset_configuration(runs: list[RunRecord]) -> dict[str, object]:
+    """The settings that every seed of one dataset ran with; an error naming two runs that differ."""
+    first, settings = runs[0], configuration(runs[0])
+    for run in runs[1:]:
+        for setting, value in configuration(run).items():
+            if value != settings[setting]:
+                raise InputError(f"{run.path}: {setting} is {display(value)}, but {display(settings[setting])} "
+                                 f"in {first.path}: seeds of one variant must share the configuration")
+    return {**settings, "seeds": ", ".join(str(run.seed) for run in runs)}
+
+
+def _table5_frame(runs: list[RunRecord], paper_tsv: str | Path) -> pd.DataFrame:
+    paper = read_paper(paper_tsv).set_index(["dataset", "setting"])
+    by_dataset: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        by_dataset.setdefault(run.dataset, []).append(run)
+    rows = []
+    for dataset, dataset_runs in by_dataset.items():
+        for setting, value in dataset_configuration(dataset_runs).items():
+            paper_value, note = paper.loc[(dataset, setting)] if (dataset, setting) in paper.index else ("", "")
+            rows.append({"dataset": dataset, "setting": setting, "value": display(value), "paper_value": paper_value,
+                         "same_as_paper": same_as_paper(value, paper_value), "note": note})
+    return pd.DataFrame(rows)
+
+
+def table5(runs_root: str | Path, paper_tsv: str | Path = PAPER_TABLE5) -> pd.DataFrame:
+    """Table 5 in long form: one row per (dataset, setting), as run and as the paper states it."""
+    return _table5_frame(e4srec_runs(runs_root), paper_tsv)
+
+
+# Rendering --------------------------------------------------------------------------------------------
+
+
+def format_cell(value) -> str:
+    """Integers with thousands separators, floats to 4 significant digits, missing as --."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "--"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def table4_wide(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows quantity, one column per run (dataset, with the seed when a dataset has several), then the paper's."""
+    several_seeds = frame.groupby("dataset")["seed"].nunique().gt(1).any()
+    frame = frame.assign(run=[f"{paper_name(d)} seed {s}" if several_seeds else paper_name(d)
+                              for d, s in zip(frame["dataset"], frame["seed"])],
+                         cell=[format_cell(v) for v in frame["value"]])
+    quantities = list(dict.fromkeys(frame["quantity"]))
+    wide = frame.pivot(index="quantity", columns="run", values="cell").reindex(
+        index=quantities, columns=list(dict.fromkeys(frame["run"])))
+    wide["paper"] = frame.groupby("quantity", sort=False)["paper_value"].first().map(format_cell)
+    wide.index.name = None
+    wide.columns.name = None
+    return wide
+
+
+def _provenance(title: str, runs: list[RunRecord], paper_tsv: str | Path) -> dict:
+    used = [{"run_record": str(run.path), "commit": run.get("git.commit"), "dirty": run.get("git.dirty")} for run in runs]
+    return provenance.record(table=title, paper=str(paper_tsv), runs=used)
+
+
+def write_table4(runs_root: str | Path, out_dir: str | Path, paper_tsv: str | Path = PAPER_TABLE4) -> pd.DataFrame:
+    """table4.{csv,md,tex} and table4.provenance.json in ``out_dir``: rows quantity, columns dataset."""
+    pairs = runs_with_references(runs_root)
+    frame = _table4_frame(pairs, paper_tsv)
+    wide = table4_wide(frame)
+    stem = Path(out_dir) / "table4"
+    write_csv(stem.with_suffix(".csv"), frame)
+    write_text(stem.with_suffix(".md"), f"# {TABLE4_TITLE}\n\n{TABLE4_CAPTION}\n\n{wide.to_markdown()}\n\n"
+                                        f"## The paper's Table 4 ({paper_tsv})\n\n"
+                                        f"{read_paper(paper_tsv).to_markdown(index=False)}\n")
+    write_text(stem.with_suffix(".tex"), f"% {TABLE4_TITLE}\n% {TABLE4_CAPTION}\n" + wide.to_latex(escape=True))
+    used = [run for pair in pairs for run in pair if run is not None]
+    write_json(stem.with_suffix(".provenance.json"), _provenance(TABLE4_TITLE, used, paper_tsv))
+    return frame
+
+
+def write_table5(runs_root: str | Path, out_dir: str | Path, paper_tsv: str | Path = PAPER_TABLE5) -> pd.DataFrame:
+    """table5.{csv,md,tex} and table5.provenance.json in ``out_dir``: one section per dataset."""
+    runs = e4srec_runs(runs_root)
+    frame = _table5_frame(runs, paper_tsv)
+    sections, latex = [f"# {TABLE5_TITLE}\n\n{TABLE5_CAPTION}\n"], []
+    for dataset, part in frame.groupby("dataset", sort=False):
+        view = part.drop(columns="dataset").rename(columns={"value": "ours", "paper_value": "paper",
+                                                            "same_as_paper": "same as paper"})
+        sections.append(f"\n## {paper_name(dataset)}\n\n{view.to_markdown(index=False)}\n")
+        latex.append(f"% {paper_name(dataset)}\n{view.to_latex(index=False, escape=True)}")
+    stem = Path(out_dir) / "table5"
+    write_csv(stem.with_suffix(".csv"), frame)
+    write_text(stem.with_suffix(".md"), "".join(sections))
+    write_text(stem.with_suffix(".tex"), f"% {TABLE5_TITLE}\n% {TABLE5_CAPTION}\n" + "\n".join(latex))
+    write_json(stem.with_suffix(".provenance.json"), _provenance(TABLE5_TITLE, runs, paper_tsv))
+    return frame

@@ -1,0 +1,147 @@
+"""Tables 4 (efficiency) and 5 (configuration as run), from fake run records and the committed runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from e4srec import efficiency
+from e4srec.cli import main
+from e4srec.files import InputError
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER4 = ROOT / "paper" / "paper_table4.tsv"
+PAPER5 = ROOT / "paper" / "paper_table5.tsv"
+COMMITTED_RUNS = ROOT / "results" / "paper" / "runs"
+
+
+def e4srec_record(dataset: str = "Beauty", seed: int = 0) -> dict:
+    """A run.json shaped like a real E4SRec one, with round numbers (Table 5's Beauty settings)."""
+    lora = {"lora_r": 16, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["gate_proj", "up_proj", "down_proj"]}
+    return {
+        "dataset": dataset, "model": "E4SRec", "variant": "default", "seed": seed,
+        "git": {"commit": "a" * 40, "dirty": False},
+        "machine": {"gpus": ["NVIDIA H200"], "cpu_count": 16},
+        "backbone": {"architecture": "LlamaForCausalLM", "dtype": "bfloat16", "parameters": 1000,
+                     "weights_bytes": 10**9, "source": "instruction-tuned /tmp/embedded",
+                     "parent": {"source": "embedded"},
+                     "instruction_tuning": {"params": {"epochs": 1, "batch_size": 16, "learning_rate": 3e-4,
+                                                       "warmup_steps": 0, "weight_decay": 0.0, **lora},
+                                            "data": {"path": "/tmp/x/instructions.json", "records": 10, "trained": 9}}},
+        "components": {"config": {**lora, "load_in": "none"},
+                       "size_bytes": {"adapter": 2 * 10**6, "projections": 7 * 10**6, "item_embeddings": 10**6,
+                                      "total": 10**7}},
+        "trainable_parameters": 50,
+        "training": {"device": "cuda", "train_seconds": 70.0,
+                     "config": {"epochs": 3, "batch_size": 16, "learning_rate": 0.0003, "warmup_steps": 100,
+                                "weight_decay": 0.1, "scheduler": "cosine"},
+                     "epochs": [{"epoch": i, "examples": 120, "seconds": s} for i, s in enumerate([30.0, 10.0, 14.0, 12.0])]},
+        "evaluation": {"seconds": 20.0, "users": 100},
+    }
+
+
+def sasrec_record(dataset: str = "Beauty") -> dict:
+    return {"dataset": dataset, "model": "SASRec", "variant": "default", "seed": 0,
+            "git": {"commit": "b" * 40, "dirty": True}, "machine": {"cpu_count": 2},
+            "training": {"device": "cpu", "epochs": [{"epoch": i, "examples": 100, "seconds": s}
+                                                     for i, s in enumerate([3.0, 1.0, 2.0])]}}
+
+
+def write_run(runs: Path, record: dict) -> Path:
+    path = runs / record["dataset"] / record["model"] / record["variant"] / f"seed~{record['seed']}" / "run.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return path
+
+
+def values(frame) -> tuple[dict, dict]:
+    """Ours and the paper's value by quantity, of a one-run Table 4."""
+    return dict(zip(frame["quantity"], frame["value"])), dict(zip(frame["quantity"], frame["paper_value"]))
+
+
+def test_table4_quantities(tmp_path):
+    write_run(tmp_path, e4srec_record())
+    write_run(tmp_path, sasrec_record())
+    ours, paper = values(efficiency.table4(tmp_path, PAPER4))
+    assert ours["machine"] == "NVIDIA H200" and paper["machine"] == "A800"
+    assert ours["first epoch (s, includes compilation)"] == 30.0
+    assert ours["later epochs, median (s)"] == 12.0  # the first epoch is left out of the median
+    assert ours["training examples per second, later epochs (median)"] == 10.0
+    assert ours["SASRec later epochs, median (s)"] == 1.5
+    assert ours["SASRec machine"] == "CPU (2 cores)"
+    assert ours["evaluation users per second"] == 5.0
+    assert ours["evaluation s per ranked instance"] == pytest.approx(0.1)  # valid + test per user
+    assert paper["evaluation s per ranked instance"] == 0.23
+    assert ours["trainable / backbone parameters"] == pytest.approx(0.05)
+    assert paper["trainable / backbone parameters"] == 0.01
+    assert ours["components / backbone weights"] == pytest.approx(0.01)
+    assert paper["components / backbone weights"] == pytest.approx(0.11 / 12.12)
+    assert ours["100 datasets on one backbone (x backbone)"] == pytest.approx(2.0)
+    assert paper["100 datasets on one backbone (x backbone)"] == 2.0
+    assert ours["100 datasets, a tuned backbone each (x backbone)"] == pytest.approx(101.0)
+    assert ours["components: adapter / projections / item table (MB)"] == "2 / 7 / 1"
+
+
+def test_table4_without_the_reference_baseline(tmp_path):
+    write_run(tmp_path, e4srec_record())
+    ours, _ = values(efficiency.table4(tmp_path, PAPER4))
+    assert ours["SASRec later epochs, median (s)"] is None and ours["SASRec machine"] is None
+
+
+def test_table5_flags_each_setting_against_the_paper(tmp_path):
+    record = e4srec_record()
+    record["training"]["config"]["batch_size"] = 64
+    write_run(tmp_path, record)
+    frame = efficiency.table5(tmp_path, PAPER5).set_index("setting")
+    assert frame.loc["batch size", ["value", "paper_value", "same_as_paper"]].tolist() == ["64", "16", "no"]
+    assert frame.loc["learning rate", "same_as_paper"] == "yes"  # 0.0003 against 3e-4 printed as 0.0003
+    assert frame.loc["LoRA target modules", "same_as_paper"] == "yes"  # order differs, same modules
+    assert frame.loc["backbone", "same_as_paper"] == "no"
+    assert frame.loc["instruction tuning", "value"] == "yes"
+    assert frame.loc["seeds", ["value", "same_as_paper"]].tolist() == ["0", "n/a"]
+
+
+def test_table5_needs_the_seeds_of_a_dataset_to_agree(tmp_path):
+    write_run(tmp_path, e4srec_record(seed=0))
+    other = e4srec_record(seed=1)
+    other["training"]["config"]["learning_rate"] = 0.001
+    path = write_run(tmp_path, other)
+    with pytest.raises(InputError, match="learning rate") as err:
+        efficiency.table5(tmp_path, PAPER5)
+    assert str(path) in str(err.value)
+
+
+def test_a_missing_key_names_the_file_and_the_key(tmp_path):
+    record = e4srec_record()
+    del record["training"]["config"]["batch_size"]
+    path = write_run(tmp_path, record)
+    with pytest.raises(InputError, match="training.config.batch_size") as err:
+        efficiency.table5(tmp_path, PAPER5)
+    assert str(path) in str(err.value)
+
+
+def test_no_e4srec_run_is_a_clear_error(tmp_path, capsys):
+    write_run(tmp_path, sasrec_record())  # baselines alone
+    with pytest.raises(InputError, match="no E4SRec run records"):
+        efficiency.table4(tmp_path, PAPER4)
+    assert main(["table5", "--runs", str(tmp_path), "--paper", str(PAPER5), "--out-dir", str(tmp_path / "t")]) == 2
+    assert "no E4SRec run records" in capsys.readouterr().err
+
+
+def test_cli_writes_tables_with_provenance(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "tables"
+    e4srec_path = write_run(runs, e4srec_record())
+    sasrec_path = write_run(runs, sasrec_record())
+    for table, paper in (("table4", PAPER4), ("table5", PAPER5)):
+        assert main([table, "--runs", str(runs), "--paper", str(paper), "--out-dir", str(out)]) == 0
+        assert all((out / f"{table}{suffix}").is_file() for suffix in (".csv", ".md", ".tex"))
+    used = json.loads((out / "table4.provenance.json").read_text())["runs"]
+    assert {(u["run_record"], u["commit"]) for u in used} == {(str(e4srec_path), "a" * 40), (str(sasrec_path), "b" * 40)}
+    assert "CUDA MPS" in (out / "table4.md").read_text()
+    assert "| batch size" in (out / "table5.md").read_text()
+
+
+def test_committed_runs_show_batch_64_for_beauty():
+    frame = efficiency.table5(COMMITTED_RUNS, PAPER5).set_index(["dataset", "setting"])
+    assert frame.loc[("Beauty", "batch size"), ["value", "paper_value", "same_as_paper"]].tolist() == ["64", "16", "no"]
