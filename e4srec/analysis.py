@@ -124,6 +124,9 @@ def plot_sparsity(frame: pd.DataFrame, stem: str | Path, metric: str = "HR") -> 
 
 def write_sparsity(run_dirs: list[str], dataset_dirs: list[str], out_csv: str | Path, figure_stem: str | Path,
                    models: list[str] | None = None) -> None:
+    from .audit import verify_inputs
+
+    verify_inputs(run_dirs, dataset_dirs)  # the terciles come from these datasets: they must be the runs' own
     frame = sparsity_groups(run_dirs, dataset_dirs, models)
     write_csv(out_csv, frame)
     plot_sparsity(frame, figure_stem)
@@ -136,7 +139,8 @@ def write_protocols(run_dirs: list[str], summary_csv: str | Path, flips_csv: str
 
 
 ABLATION_LABELS = {"default": "E4SRec (full)", "no-instruct": "no instruction tuning",
-                   "bpr-embeddings": "BPR item embeddings + LLM"}
+                   "bpr-embeddings": "BPR item embeddings + LLM", "no-llm": "SASRec emb., no LLM",
+                   "bert-encoder": "SASRec emb. + MiniLM (BERT-class)"}
 
 
 def ablation_table(metrics_csv: str | Path) -> pd.DataFrame:

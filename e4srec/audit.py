@@ -26,6 +26,10 @@ differ, e.g. written on another machine):
 One line per run (``OK`` or ``FAIL`` with the problems), then a summary; non-zero exit status if
 any run has a problem. Data checks that cannot run (data missing or changed) are reported, not
 failed.
+
+:func:`verify_inputs` is stricter and runs before ``e4srec rebuild`` and ``e4srec sparsity`` write
+anything: a run whose dataset (sha256, or an equivalent copy with the same users in the same order)
+or item table is not the one at hand is an error naming the run and the file.
 """
 from __future__ import annotations
 
@@ -277,6 +281,116 @@ def audit_run(run_dir: Path, root: Path, data_cache: dict) -> RunAudit:
     result.data_checked = True
     notes.append(f"split and negatives {why}" if why else f"split and negatives checked on {folder} (sha256 verified)")
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs of a rebuild: tables and figures are only rebuilt against the data the runs were made from
+
+
+def _sha256(path: Path, cache: dict) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in cache:
+        cache[key] = sha256_file(path)
+    return cache[key]
+
+
+def _read_record(run_dir: Path) -> dict:
+    path = run_dir / "run.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"run {run_dir}: {path} not found (an unfinished run folder)") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"run {run_dir}: {path} is not valid JSON ({err.msg})") from None
+
+
+def verify_run_dataset(run_dir: Path, record: dict, folder: Path, cache: dict) -> str:
+    """The prepared dataset ``folder`` is the one the run was made from: the sha256 of its three files
+    are the recorded ones, or (returned note) it is an equivalent copy prepared on another machine: same
+    raw file (sha256), same negatives record, and the run's ranks hold its users in its order. Else an
+    InputError naming the run and the file."""
+    inputs = record.get("inputs") or {}
+    recorded = inputs.get("sha256") if isinstance(inputs.get("sha256"), dict) else {}
+    missing = [name for name in DATA_FILES if not SHA256.fullmatch(str(recorded.get(name, "")))]
+    if missing:
+        raise InputError(f"run {run_dir}: run.json records no sha256 of {missing} (inputs.sha256): cannot tell whether "
+                         f"{folder} holds the data the run was made from")
+    absent = [name for name in DATA_FILES if not (folder / name).is_file()]
+    if absent:
+        raise InputError(f"run {run_dir}: {folder / absent[0]} not found")
+    actual = {name: _sha256(folder / name, cache) for name in DATA_FILES}
+    differ = [name for name in DATA_FILES if actual[name] != recorded[name]]
+    if not differ:
+        return ""
+    local = json.loads((folder / "dataset.json").read_text())
+    raw = inputs.get("raw_sha256")
+    same_source = bool(raw) and (local.get("raw") or {}).get("sha256") == raw \
+        and local.get("negatives") == inputs.get("negatives")
+    if same_source:
+        users = pd.read_parquet(folder / "sequences.parquet", columns=["user_id"])["user_id"].to_numpy()
+        ranked = pd.read_parquet(run_dir / "ranks.parquet", columns=["user_id"])["user_id"].to_numpy()
+        if np.array_equal(users, ranked):
+            return (f"{folder} is not byte-identical to the inputs of {run_dir.name} but prepared from the same raw "
+                    "file (sha256) with the same negatives and the same users")
+        raise InputError(f"run {run_dir}: {run_dir / 'ranks.parquet'} does not hold the users of "
+                         f"{folder / 'sequences.parquet'} in their order (same raw file, prepared otherwise): the "
+                         "run was not made from this data")
+    name = differ[0]
+    raise InputError(f"run {run_dir}: {folder / name} has sha256 {actual[name]}, the run recorded {recorded[name]} "
+                     f"({', '.join(differ)} differ; not prepared from the same raw file with the same negatives "
+                     "either): the run was not made from this data. Rebuild against the data it was made from, or "
+                     "rerun it")
+
+
+def verify_item_table(run_dir: Path, record: dict, runs_by_key: dict, cache: dict) -> None:
+    """An E4SRec run's item table (``item_embeddings_source``) is the one its components record names
+    and, where the run folder that exported it is among the rebuilt runs (or the recorded path
+    exists), that folder's file has the recorded sha256."""
+    source = record.get("item_embeddings_source")
+    if not isinstance(source, dict) or not source.get("sha256"):
+        return
+    components = run_dir / "components" / "components.json"
+    if components.is_file():
+        named = (json.loads(components.read_text()).get("item_embeddings") or {}).get("sha256")
+        if named != source["sha256"]:
+            raise InputError(f"run {run_dir}: {components} names item embeddings sha256 {named}, run.json records "
+                             f"{source['sha256']}: the components do not belong to this run")
+    path = Path(str(source.get("path", "")))
+    exporter = runs_by_key.get(tuple(path.parent.parts[-4:]))
+    table = exporter / path.name if exporter is not None else path
+    if str(path) and table.is_file():
+        found = _sha256(table, cache)
+        if found != source["sha256"]:
+            raise InputError(f"run {run_dir}: its item embeddings {table} have sha256 {found}, the run recorded "
+                             f"{source['sha256']}: it was trained on another item table (was that run retrained?); "
+                             "rerun it")
+
+
+def verify_inputs(run_dirs, dataset_dirs) -> list[str]:
+    """Before tables or figures are rebuilt from ``run_dirs`` against the prepared ``dataset_dirs``:
+    every run of a dataset among them was made from that data (:func:`verify_run_dataset`) and every
+    E4SRec run's item table is the one it recorded (:func:`verify_item_table`). Raises InputError
+    naming the run and the file; returns notes (equivalent copies)."""
+    folders = {}
+    for folder in map(Path, dataset_dirs):
+        try:
+            name = json.loads((folder / "dataset.json").read_text()).get("name") or folder.name
+        except (FileNotFoundError, json.JSONDecodeError):
+            name = folder.name  # SequenceData.load reports it
+        folders[name] = folder
+    run_dirs = [Path(r) for r in run_dirs]
+    runs_by_key = {tuple(r.parts[-4:]): r for r in run_dirs}
+    cache, notes = {}, []
+    for run_dir in run_dirs:
+        record = _read_record(run_dir)
+        dataset = record.get("dataset") or run_dir.parts[-4]
+        if dataset in folders:
+            note = verify_run_dataset(run_dir, record, folders[dataset], cache)
+            if note:
+                notes.append(f"{run_dir}: {note}")
+        verify_item_table(run_dir, record, runs_by_key, cache)
+    return notes
 
 
 def in_progress(root: Path) -> list[Path]:

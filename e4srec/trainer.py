@@ -9,10 +9,14 @@ ends with the same weights as an uninterrupted one on the CPU. An epoch's tensor
 (``*.next.safetensors``, tagged with the epoch), ``state.json`` commits them, and only then do they
 replace ``best``/``last``/``optimizer``: a process killed at any moment resumes from one
 consistent epoch (uncommitted staged files are dropped, committed ones moved into place).
+A checkpoint is resumed only under the resume key it was written with (settings and input sha256,
+from :func:`e4srec.runs.run`): a job rerun with other parameters or inputs starts over. With
+``oom_retry`` a step out of GPU memory is retried in micro-batches (gradient accumulation).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -49,6 +53,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | bf16 | no
     max_steps_per_epoch: int | None = None  # cap (smoke tests and quick profiles only)
+    # On CUDA out of memory, retry the step as 2, 4, 8 ... micro-batches whose gradients are summed
+    # (gradient accumulation): the same effective batch and the same optimizer steps. Recorded in
+    # the training record (``oom_retries``, ``micro_batches``) and kept for the rest of the run.
+    oom_retry: bool = False
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -70,13 +78,61 @@ def check_device(config: TrainConfig) -> None:
         raise RuntimeError("device: cuda was asked for, but no GPU is visible (torch.cuda.is_available() is False)")
 
 
-def out_of_memory_message(config: TrainConfig, epoch: int, step: int, device, err: BaseException) -> str:
+def out_of_memory_message(config: TrainConfig, epoch: int, step: int, device, err: BaseException,
+                          micro_batches: int = 1) -> str:
     """What to lower when a training step runs out of GPU memory."""
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    retry = (f"even in {micro_batches} micro-batches (oom_retry); " if micro_batches > 1 else
+             "or set `oom_retry: true` (trainer settings) to retry in micro-batches; " if not config.oom_retry else "")
     return (f"out of GPU memory in the training step (epoch {epoch}, step {step}, batch_size {config.batch_size}, "
-            f"device {device}): lower batch_size (now {config.batch_size}; for instruction tuning, "
+            f"device {device}): {retry}lower batch_size (now {config.batch_size}; for instruction tuning, "
             "micro_batch_size), or for a large backbone load it quantised with `load_in: 4bit` "
             f"(E4SRec params). CUDA said: {first_line}")
+
+
+def optimizer_step(model, batch: dict, micro_batches: int, accelerator, optimizer, parameters, config: TrainConfig,
+                   epoch: int, step: int, index: int) -> float:
+    """Forward, backward and one optimizer step on ``batch``; returns the batch's loss. With
+    ``micro_batches`` > 1 the batch goes through in that many slices whose losses are weighted by
+    their share of the batch and whose gradients add up before the one step (gradient accumulation):
+    the gradient of the whole batch's mean loss for losses that average over the batch's users, an
+    approximation of it for losses averaged over positions or using in-batch negatives."""
+    size = len(batch["user"])
+    chunk = math.ceil(size / max(micro_batches, 1))
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for start in range(0, size, chunk):
+        part = batch if chunk >= size else {key: value[start:start + chunk] for key, value in batch.items()}
+        with accelerator.autocast():
+            loss = model(part)  # Recommender.forward is calculate_loss (so DDP wrappers sync)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step} "
+                                     f"(batch {index}, users {part['user'][:8].tolist()}...): "
+                                     "lower the learning rate")
+        weight = len(part["user"]) / size
+        accelerator.backward(loss if chunk >= size else loss * weight)
+        total += loss.item() * weight
+    if config.max_grad_norm:
+        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+    optimizer.step()
+    return total
+
+
+def _split_after_out_of_memory(optimizer, state: dict, micro_batches: int, size: int, epoch: int,
+                               cuda_said: str) -> int:
+    """Twice as many micro-batches for the step that ran out of memory and every later one (recorded)."""
+    optimizer.zero_grad(set_to_none=True)  # gradients of the failed attempt
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    micro_batches = min(micro_batches * 2, size)
+    state["micro_batches"] = micro_batches
+    state.setdefault("oom_retries", []).append({"epoch": epoch, "step": state["step"], "micro_batches": micro_batches,
+                                                "micro_batch_size": math.ceil(size / micro_batches),
+                                                "cuda_said": cuda_said})
+    log.warning("out of GPU memory at epoch %d, step %d (%s): retrying the step as %d micro-batches of up to %d "
+                "examples (gradient accumulation: same effective batch size %d, same optimizer steps)", epoch,
+                state["step"], cuda_said, micro_batches, math.ceil(size / micro_batches), size)
+    return micro_batches
 
 
 CHECKPOINT_FILES = ("best", "last", "optimizer")
@@ -192,9 +248,31 @@ def validation_ndcg10(model: Recommender, data: SequenceData, config: TrainConfi
     return ndcg(ranks, 10)
 
 
+def _discard_foreign_checkpoint(checkpoint_dir: Path, resume_key: dict) -> None:
+    """Delete the checkpoint of ``checkpoint_dir`` when it was written for another resume key (other
+    settings or inputs: a job rerun because they changed must start over, not resume)."""
+    state_path = checkpoint_dir / "state.json"
+    if not state_path.exists():
+        return
+    saved = read_json(state_path).get("resume_key")
+    if saved == resume_key:
+        return
+    differ = sorted(k for k in set(resume_key) | set(saved or {}) if (saved or {}).get(k) != resume_key.get(k))
+    log.warning("%s: checkpoint written for other settings or inputs (%s): starting over", checkpoint_dir,
+                f"{', '.join(differ)} differ" if saved is not None else "it records none")
+    state_path.unlink()  # first: without state.json nothing below is ever resumed from
+    for name in CHECKPOINT_FILES:
+        for path in (checkpoint_dir / f"{name}.safetensors", checkpoint_dir / f"{name}.next.safetensors"):
+            path.unlink(missing_ok=True)
+
+
 def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoint_dir: str | Path,
-          progress: bool = True) -> dict:
-    """Train ``model`` on ``data``; return the training record. The best model is loaded at the end."""
+          progress: bool = True, resume_key: dict | None = None) -> dict:
+    """Train ``model`` on ``data``; return the training record. The best model is loaded at the end.
+
+    ``resume_key`` (JSON-able: settings and input checksums, see :func:`e4srec.runs.run`) is stored
+    with every checkpoint; a checkpoint stored with another key is discarded and training starts
+    over, so that a job rerun because its parameters or inputs changed never resumes the old run."""
     checkpoint_dir = Path(checkpoint_dir)
     accelerator = make_accelerator(config)
     device = accelerator.device
@@ -226,6 +304,10 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
     state = {"epoch": -1, "best_epoch": -1, "best_valid_ndcg10": -1.0, "bad_epochs": 0, "step": 0,
              "train_seconds": 0.0, "epochs": []}
     state_path = checkpoint_dir / "state.json"
+    if resume_key is not None:
+        resume_key = json.loads(json.dumps(resume_key, sort_keys=True, default=str))
+        state["resume_key"] = resume_key
+        _discard_foreign_checkpoint(checkpoint_dir, resume_key)
     if state_path.exists():  # resume
         state = read_json(state_path)
         _settle_checkpoint(checkpoint_dir, state["epoch"])  # finish (or drop) a checkpoint cut short
@@ -240,6 +322,7 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
         _settle_checkpoint(checkpoint_dir, state["epoch"])  # drops staged files of a run killed in epoch 0
 
     model.train()
+    micro_batches = state.get("micro_batches", 1)  # > 1 after an out-of-memory retry (oom_retry)
     for epoch in range(state["epoch"] + 1, config.epochs):
         if state["bad_epochs"] >= config.patience:
             break
@@ -252,23 +335,24 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
         for index, batch in enumerate(bar):
             if index >= n_batches:
                 break
-            try:
-                with accelerator.autocast():
-                    loss = model(batch)  # Recommender.forward is calculate_loss (so DDP wrappers sync)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {state['step']} "
-                                             f"(batch {index}, users {batch['user'][:8].tolist()}...): "
-                                             "lower the learning rate")
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                if config.max_grad_norm:
-                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                optimizer.step()
-            except torch.cuda.OutOfMemoryError as err:
-                raise RuntimeError(out_of_memory_message(config, epoch, state["step"], device, err)) from err
+            while True:
+                cuda_said = None
+                try:
+                    loss = optimizer_step(model, batch, micro_batches, accelerator, optimizer, parameters, config,
+                                          epoch, state["step"], index)
+                except torch.cuda.OutOfMemoryError as err:
+                    if not config.oom_retry or micro_batches >= len(batch["user"]):
+                        raise RuntimeError(out_of_memory_message(config, epoch, state["step"], device, err,
+                                                                 micro_batches)) from err
+                    cuda_said = (str(err).strip().splitlines() or ["CUDA out of memory"])[0]
+                if cuda_said is None:
+                    break
+                # outside the except block: the failed attempt's tensors are freed before the retry
+                micro_batches = _split_after_out_of_memory(optimizer, state, micro_batches, len(batch["user"]),
+                                                           epoch, cuda_said)
             scheduler.step()
             state["step"] += 1
-            total_loss += loss.item()
+            total_loss += loss
             examples += len(batch["user"])
             bar.set_postfix(loss=f"{total_loss / (index + 1):.4f}")
         seconds = time.perf_counter() - started
@@ -297,7 +381,7 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
     if state["best_epoch"] >= 0:
         best = checkpoint_dir / "best.safetensors"
         load_trainable_state(raw_model, load_tensors(best), best)
-    record.update({k: v for k, v in state.items() if k != "optimizer"})
+    record.update({k: v for k, v in state.items() if k not in ("optimizer", "resume_key")})
     early = state["bad_epochs"] >= config.patience and state["epoch"] < config.epochs - 1
     record["stopped"] = "early stopping" if early else "epoch limit"
     record["peak_memory_mb"] = _peak_memory_mb(device)

@@ -106,9 +106,55 @@ rule serving:
         "--out {output.json} > /dev/null 2> {log}"
 
 
+# Extensibility (a): one dataset (the first unless e4srec.new_items.dataset), the first E4SRec seed.
+if NEW_ITEMS:
+
+    rule new_items:
+        input:
+            **NEW_ITEMS["inputs"],
+        output:
+            json=f"{OUT}/tables/extensibility_new_items.json",
+            csv=f"{OUT}/tables/extensibility_new_items.csv",
+            table=report(f"{OUT}/tables/extensibility_new_items.md", caption="../report/new_items.rst",
+                         category="Tables"),
+            work=directory(f"{OUT}/extensibility/new_items"),
+        params:
+            dataset_dir=lambda wildcards, input: Path(input.record).parent,
+            fraction=config["e4srec"]["new_items"]["fraction"],
+            selection_seed=config["e4srec"]["new_items"]["seed"],
+            seed=NEW_ITEMS["seed"],
+            sasrec_seed=NEW_ITEMS["sasrec"].seed,
+            sasrec_params=baseline_params(NEW_ITEMS["sasrec"]),
+            sasrec_train_params=baseline_train_params(NEW_ITEMS["sasrec"]),
+            e4srec_params=as_json(config["e4srec"]["params"]),
+            e4srec_train_params=e4srec_train_params(NEW_ITEMS["e4srec"]),
+            extension=as_json(config["e4srec"]["new_items"]["extension"]),
+            full_run=lambda wildcards, input: Path(input.full_record).parent,
+            sasrec_run=lambda wildcards, input: Path(input.sasrec_record).parent,
+            ties=config["ties"],
+        threads: 8  # capped by --cores, as train_e4srec
+        log:
+            f"{OUT}/logs/new_items.log",
+        benchmark:
+            f"{OUT}/benchmarks/new_items.tsv"
+        resources:
+            gpu=1 if config["device"] != "cpu" else 0,
+        conda:
+            "../envs/e4srec.yaml"
+        shell:
+            "e4srec new-items --dataset-dir {params.dataset_dir} --backbone {input.backbone} --work-dir {output.work} "
+            "--out {output.json} --fraction {params.fraction} --selection-seed {params.selection_seed} "
+            "--seed {params.seed} --sasrec-seed {params.sasrec_seed} --sasrec-params '{params.sasrec_params}' "
+            "--sasrec-train-params '{params.sasrec_train_params}' --e4srec-params '{params.e4srec_params}' "
+            "--e4srec-train-params '{params.e4srec_train_params}' --extension '{params.extension}' "
+            "--full-run {params.full_run} --full-sasrec-run {params.sasrec_run} --ties {params.ties} "
+            "--threads {threads} > /dev/null 2> {log}"
+
+
 rule analysis:
     input:
         rules.serving.output if serving_inputs() else [],
+        rules.new_items.output if NEW_ITEMS else [],
         rules.ablation_figure.output,
         rules.sparsity_groups.output,
         rules.sampled_vs_full.output,

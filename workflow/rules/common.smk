@@ -94,11 +94,16 @@ def sparsity_models():
 
 # E4SRec ------------------------------------------------------------------------------------------
 BACKBONE_ID = re.sub(r"[^A-Za-z0-9_.-]+", "_", config["e4srec"]["backbone"]).strip("_")
+ENCODER_ID = re.sub(r"[^A-Za-z0-9_.-]+", "_", config["e4srec"]["encoder"]).strip("_")
 
 
 def e4srec_backbone_dir(wildcards):
     """The backbone E4SRec trains on: instruction-tuned (stage 2) unless switched off, or for the
-    "no-instruct" ablation."""
+    "no-instruct" ablation; the BERT-class encoder for "bert-encoder"; none for "no-llm"."""
+    if wildcards.variant == "no-llm":
+        return []
+    if wildcards.variant == "bert-encoder":
+        return f"{RES}/encoders/{ENCODER_ID}"
     tuned = config["e4srec"]["instruction_tuning"]["enabled"] and wildcards.variant != "no-instruct"
     suffix = "-instruct" if tuned else ""
     return f"{RES}/backbones/{BACKBONE_ID}{suffix}"
@@ -133,3 +138,27 @@ def serving_inputs():
     seed = config["e4srec"]["seeds"][0]
     components = [f"{run_dir(d, 'E4SRec', 'default', seed)}/components" for d in config["datasets"]]
     return {"backbone": e4srec_backbone_dir(types.SimpleNamespace(variant="default")), "components": components}
+
+
+def new_items_setup():
+    """Extensibility (a), new items: its dataset (the first unless named), seeds (the first E4SRec seed;
+    SASRec's of the item table) and inputs, or None (E4SRec or the experiment off, or a table not SASRec's)."""
+    settings = config["e4srec"]["new_items"]
+    chosen = config["e4srec"]["item_embeddings"]
+    if not (config["e4srec"]["enabled"] and settings["enabled"]) or chosen["model"] != "SASRec":
+        return None
+    dataset = settings["dataset"] or config["datasets"][0]
+    if dataset not in config["datasets"]:
+        raise ValueError(f"config e4srec.new_items.dataset: {dataset!r} is not among datasets {config['datasets']}")
+    seed = config["e4srec"]["seeds"][0]
+    sasrec = types.SimpleNamespace(dataset=dataset, model="SASRec", variant=chosen["variant"], seed=chosen["seed"])
+    e4srec = types.SimpleNamespace(dataset=dataset, model="E4SRec", variant="default", seed=seed)
+    full_run = run_dir(dataset, "E4SRec", "default", seed)
+    sasrec_run = run_dir(dataset, "SASRec", chosen["variant"], chosen["seed"])
+    return {"dataset": dataset, "seed": seed, "sasrec": sasrec, "e4srec": e4srec,
+            "inputs": {**dataset_files(e4srec), "backbone": e4srec_backbone_dir(e4srec),
+                       "full_ranks": f"{full_run}/ranks.parquet", "full_record": f"{full_run}/run.json",
+                       "sasrec_record": f"{sasrec_run}/run.json"}}
+
+
+NEW_ITEMS = new_items_setup()  # the new_items rule (analysis.smk) exists only when set

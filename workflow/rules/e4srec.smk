@@ -16,6 +16,19 @@ rule resolve_backbone:
         "e4srec backbone --spec {params.spec} --out {output} 2> {log}"
 
 
+rule resolve_encoder:
+    output:
+        directory(f"{RES}/encoders/{ENCODER_ID}"),
+    params:
+        spec=config["e4srec"]["encoder"],
+    log:
+        f"{OUT}/logs/backbone/encoder-{ENCODER_ID}.log",
+    conda:
+        "../envs/e4srec.yaml"
+    shell:
+        "e4srec backbone --spec {params.spec} --out {output} --dtype float32 2> {log}"
+
+
 rule instruction_tune:
     input:
         f"{RES}/backbones/{BACKBONE_ID}",
@@ -44,7 +57,7 @@ rule train_e4srec:
         backbone=e4srec_backbone_dir,
         item_embeddings=e4srec_item_embeddings,
     wildcard_constraints:
-        variant="default|no-instruct|bpr-embeddings",
+        variant="default|no-instruct|bpr-embeddings|no-llm|bert-encoder",
     output:
         ranks=f"{OUT}/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}/ranks.parquet",
         record=f"{OUT}/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}/run.json",
@@ -55,6 +68,7 @@ rule train_e4srec:
         train_params=e4srec_train_params,
         out=lambda wildcards, output: Path(output.ranks).parent,
         ties=config["ties"],
+        backbone=lambda wildcards, input: f"--backbone {input.backbone}" if input.backbone else "",  # none: no-llm
     threads: 8  # capped by --cores; the LLM's matrix work uses them on a CPU
     log:
         f"{OUT}/logs/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}.log",
@@ -67,7 +81,7 @@ rule train_e4srec:
     shell:
         "e4srec train --dataset-dir {params.dataset_dir} --model E4SRec --variant {wildcards.variant} "
         "--seed {wildcards.seed} --params '{params.model_params}' --train-params '{params.train_params}' "
-        "--backbone {input.backbone} --item-embeddings {input.item_embeddings} --ties {params.ties} "
+        "{params.backbone} --item-embeddings {input.item_embeddings} --ties {params.ties} "
         "--out {params.out} --threads {threads} --no-progress 2> {log}"
 
 
