@@ -120,11 +120,17 @@ def run_recbole(atomic_root: Path, out: Path, args) -> dict:
     command = [args.recbole_python, str(Path(__file__).resolve()), "--recbole-worker", "--work", str(args.work),
                "--epochs", str(args.epochs), "--threads", str(args.threads), "--seed", str(args.seed),
                "--architecture", args.architecture, "--worker-out", str(result)]
+    if args.recbole_steps:
+        command += ["--recbole-steps", str(args.recbole_steps)]
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=out)
     wall = time.perf_counter() - started
     record = json.loads(result.read_text())
     record.update(tool="recbole", wall_seconds=wall, command=" ".join(command))
+    if args.recbole_steps:  # one pseudo-epoch: the extrapolated time, no validation
+        record["epochs"] = [{"epoch": "0 (extrapolated from %d steps)" % record["steps_timed"],
+                             "train_seconds": record["extrapolated_epoch_seconds"], "valid_ndcg10": float("nan"),
+                             "examples": record["train_examples"]}]
     return record
 
 
@@ -173,6 +179,27 @@ def recbole_worker(args) -> None:
     model = SASRec(config, train_data._dataset).to(config["device"])
     trainer = Trainer(config, model)
     prepare_seconds = time.perf_counter() - started
+
+    if args.recbole_steps:  # step timing only: the first args.recbole_steps batches of epoch 0, no validation
+        model.train()
+        times, batches = [], iter(train_data)
+        for _ in range(args.recbole_steps + 3):
+            interaction = next(batches).to(config["device"])
+            t0 = time.perf_counter()
+            trainer.optimizer.zero_grad()
+            loss = model.calculate_loss(interaction)
+            loss.backward()
+            trainer.optimizer.step()
+            times.append(time.perf_counter() - t0)
+        times = times[3:]  # warm-up steps left out
+        n_batches = -(-len(train_data._dataset) // config["train_batch_size"])
+        Path(args.worker_out).write_text(json.dumps({
+            "recbole_version": recbole.__version__, "torch_threads": torch.get_num_threads(),
+            "prepare_seconds": prepare_seconds, "steps_timed": len(times), "step_seconds": times,
+            "mean_step_seconds": sum(times) / len(times), "batches_per_epoch": n_batches,
+            "train_examples": len(train_data._dataset),
+            "extrapolated_epoch_seconds": sum(times) / len(times) * n_batches}, indent=1))
+        return
 
     epochs = []
     train_epoch, valid_epoch = trainer._train_epoch, trainer._valid_epoch
@@ -245,19 +272,29 @@ def markdown(runs: list[dict]) -> str:
     ours_runs = [r for r in runs if r["tool"] == "ours"]
     lines += ["", "| tool | mean train s / epoch | best valid NDCG@10 | train s to reach RecBole's best NDCG@10 |",
               "|---|---|---|---|"]
-    target = max((e["valid_ndcg10"] for r in recbole_runs for e in r["epochs"]), default=None)
+    target = max((e["valid_ndcg10"] for r in recbole_runs for e in r["epochs"]
+                  if e["valid_ndcg10"] == e["valid_ndcg10"]), default=None)  # NaN: step-timing runs
     for run in runs:
         mean = sum(e["train_seconds"] for e in run["epochs"]) / max(len(run["epochs"]), 1)
-        best = max(e["valid_ndcg10"] for e in run["epochs"])
+        best = max((e["valid_ndcg10"] for e in run["epochs"] if e["valid_ndcg10"] == e["valid_ndcg10"]),
+                   default=float("nan"))
         reach = "n/a"
         if target is not None:
             epoch, seconds = first_epoch_reaching(run["epochs"], target)
             reach = f"{seconds:.1f} (epoch {epoch})" if epoch is not None else "not reached"
         lines.append(f"| {run['tool']} (run {runs.index(run) + 1}) | {mean:.1f} | {best:.4f} | {reach} |")
+    def mean_epoch(run):
+        return sum(e["train_seconds"] for e in run["epochs"]) / max(len(run["epochs"]), 1)
+
     if recbole_runs and ours_runs:
-        ours_mean = sum(e["train_seconds"] for r in ours_runs for e in r["epochs"]) / sum(len(r["epochs"]) for r in ours_runs)
-        rb_mean = sum(e["train_seconds"] for r in recbole_runs for e in r["epochs"]) / sum(len(r["epochs"]) for r in recbole_runs)
-        lines += ["", f"Seconds per epoch, RecBole / ours: {rb_mean / ours_mean:.1f}x."]
+        lines.append("")
+        for index, run in enumerate(runs):  # each RecBole run against the runs of ours right before and after it
+            if run["tool"] != "recbole":
+                continue
+            neighbours = [runs[i] for i in (index - 1, index + 1) if 0 <= i < len(runs) and runs[i]["tool"] == "ours"]
+            for other in neighbours:
+                lines.append(f"Seconds per epoch, RecBole run {index + 1} / ours run {runs.index(other) + 1}: "
+                             f"{mean_epoch(run) / mean_epoch(other):.1f}x.")
     return "\n".join(lines) + "\n"
 
 
@@ -272,6 +309,9 @@ def main(argv=None) -> None:
     parser.add_argument("--order", default="ours,recbole,ours", help="comma-separated runs, in order")
     parser.add_argument("--architecture", choices=["ours", "recbole"], default="ours",
                         help="RecBole SASRec block settings: this suite's defaults or RecBole's own")
+    parser.add_argument("--recbole-steps", type=int, default=0,
+                        help="time only this many RecBole training steps (after 3 warm-up steps) and "
+                             "extrapolate one epoch, instead of training --epochs epochs")
     parser.add_argument("--markdown", help="write the Markdown table here too")
     parser.add_argument("--previous", nargs="*", default=[],
                         help="runs.json files of earlier invocations: their runs come first in the table")
