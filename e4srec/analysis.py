@@ -93,6 +93,22 @@ def save_figure(figure, stem: str | Path) -> None:
             figure.savefig(tmp, dpi=150, bbox_inches="tight")
 
 
+def label_colors(labels) -> dict[str, tuple]:
+    """One colour per bar label, the same in every panel of a figure (matplotlib's tab10 cycle)."""
+    import matplotlib
+
+    cycle = matplotlib.colormaps["tab10"].colors
+    return {label: cycle[i % len(cycle)] for i, label in enumerate(dict.fromkeys(labels))}
+
+
+def figure_legend(figure, colors: dict[str, tuple]) -> None:
+    """One legend for the whole figure, listing every label once (panels may show fewer)."""
+    from matplotlib.patches import Patch
+
+    figure.legend(handles=[Patch(color=color, label=label) for label, color in colors.items()],
+                  loc="lower center", ncol=min(len(colors), 5), fontsize=7, bbox_to_anchor=(0.5, -0.12))
+
+
 def plot_sparsity(frame: pd.DataFrame, stem: str | Path, metric: str = "HR") -> None:
     import matplotlib
 
@@ -101,22 +117,23 @@ def plot_sparsity(frame: pd.DataFrame, stem: str | Path, metric: str = "HR") -> 
 
     part = frame[frame["metric"] == metric]
     datasets = list(dict.fromkeys(part["dataset"]))
+    colors = label_colors(part["model"])
     figure, axes = plt.subplots(1, max(len(datasets), 1), figsize=(4 * max(len(datasets), 1), 3.2), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
         data = part[part["dataset"] == dataset]
-        models = list(dict.fromkeys(data["model"]))
+        models = [m for m in colors if m in set(data["model"])]
         width = 0.8 / max(len(models), 1)
         for i, model in enumerate(models):
             rows = data[data["model"] == model].set_index("group").reindex(list(GROUPS))
             x = np.arange(len(GROUPS)) + i * width
-            axis.bar(x, rows["value"], width, label=model,
+            axis.bar(x, rows["value"], width, label=model, color=colors[model],
                      yerr=[rows["value"] - rows["ci_low"], rows["ci_high"] - rows["value"]], capsize=2)
         labels = [f"{g}\n{int(r.min_length)}-{int(r.max_length)}"
                   for g, r in data.drop_duplicates("group").set_index("group").reindex(list(GROUPS)).iterrows()]
         axis.set_xticks(np.arange(len(GROUPS)) + width * (len(models) - 1) / 2, labels)
         axis.set_title(paper_name(dataset))
         axis.set_ylabel(f"{metric}@10 (full ranking)")
-    axes[0][0].legend(fontsize=7)
+    figure_legend(figure, colors)
     figure.suptitle("Figure 4: users by history length (equal thirds), 95% bootstrap intervals", y=1.04)
     save_figure(figure, stem)
     plt.close(figure)
@@ -164,17 +181,19 @@ def write_ablation(metrics_csv: str | Path, out_csv: str | Path, figure_stem: st
     frame = ablation_table(metrics_csv)
     write_csv(out_csv, frame)
     datasets = list(dict.fromkeys(frame["dataset"])) or ["(no runs)"]
+    colors = label_colors(frame["label"])
     figure, axes = plt.subplots(1, len(datasets), figsize=(4 * len(datasets), 3.2), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
         data = frame[frame["dataset"] == dataset]
-        labels = list(dict.fromkeys(data["label"]))
+        labels = [label for label in colors if label in set(data["label"])]
         width = 0.8 / max(len(labels), 1)
         for i, label in enumerate(labels):
             rows = data[data["label"] == label].set_index("k").reindex([5, 10, 20])
-            axis.bar(np.arange(3) + i * width, rows["value"], width, label=label)
+            axis.bar(np.arange(3) + i * width, rows["value"], width, label=label, color=colors[label])
         axis.set_xticks(np.arange(3) + width * (len(labels) - 1) / 2, ["HR@5", "HR@10", "HR@20"])
         axis.set_title(paper_name(dataset))
-    axes[0][0].legend(fontsize=7)
+    if colors:
+        figure_legend(figure, colors)
     figure.suptitle("Figure 3: ablation (full ranking, test item)", y=1.04)
     save_figure(figure, figure_stem)
     plt.close(figure)

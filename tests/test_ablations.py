@@ -234,3 +234,26 @@ def test_figure3_labels(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
     labels = set(analysis.ablation_table(tmp_path / "metrics.csv")["label"])
     assert labels == {"E4SRec (full)", "SASRec emb., no LLM", "SASRec emb. + MiniLM (BERT-class)"}
+
+
+def test_figure3_colours_follow_the_label_in_every_panel(tmp_path, monkeypatch):
+    """A label keeps its colour across panels, also where a panel lacks some labels (a bug once)."""
+    import matplotlib.pyplot as plt
+
+    rows = [{"dataset": d, "model": m, "variant": v, "seed": 0, "split": "test", "protocol": "full", "metric": "HR",
+             "k": k, "value": 0.1}
+            for d, runs in (("Beauty", [("E4SRec", "default"), ("E4SRec", "bpr-embeddings"), ("SASRec", "default")]),
+                            ("Toys_and_Games", [("E4SRec", "default"), ("SASRec", "default")]))
+            for m, v in runs for k in (5, 10, 20)]
+    pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
+    figures = []
+    monkeypatch.setattr(analysis, "save_figure", lambda figure, stem: figures.append(figure))
+    monkeypatch.setattr(plt, "close", lambda figure: None)
+    analysis.write_ablation(tmp_path / "metrics.csv", tmp_path / "figure3.csv", tmp_path / "figure3")
+    colours = {}
+    for axis in figures[0].axes:
+        for container in axis.containers:
+            colour = tuple(container.patches[0].get_facecolor())
+            assert colours.setdefault(container.get_label(), colour) == colour, container.get_label()
+    assert set(colours) == {"E4SRec (full)", "BPR item embeddings + LLM", "SASRec (reference)"}
+    assert len(set(colours.values())) == 3
