@@ -178,6 +178,10 @@ def interrupted_workflow(config: Path, plan: list[dict]) -> list[dict]:
     kills = []
     for attempt in range(len(plan) + 1):
         log = attempt_log(folder, attempt)
+        # epochs committed before this attempt: a kill keyed on a job waits for at least one epoch of
+        # THIS attempt (on a fast machine the previous attempt may already have passed the planned epoch,
+        # and a kill before the rerun even started the job would test nothing)
+        floor = {model: completed_epoch(out, model) for model in EPOCHS}
         with open(log, "w") as handle:
             process = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
                                        start_new_session=True)
@@ -192,6 +196,7 @@ def interrupted_workflow(config: Path, plan: list[dict]) -> list[dict]:
                         assert process.poll() is None, "finished before the kill:\n" + log.read_text()[-3000:]
                         time.sleep(0.005)
                 else:
+                    kill["after_epoch"] = max(kill["after_epoch"], floor[kill["job"]] + 1)
                     while completed_epoch(out, kill["job"]) < kill["after_epoch"]:
                         assert process.poll() is None, f"finished before {kill}:\n" + log.read_text()[-3000:]
                         assert time.monotonic() - started < 240, f"timed out waiting for {kill}"
