@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import read_backbone_record
-from .files import InputError, atomic_dir, save_tensors, sha256_file, write_json
+from .files import InputError, atomic_dir, save_tensors, write_json
 from .model import E4SRec, E4SRecConfig, item_table
 from .recommender import Recommender
 
@@ -142,19 +142,10 @@ class E4SRecNoLLM(Recommender):
                         item_embeddings_path: str | os.PathLike | None = None) -> dict:
         """``projections.safetensors`` and ``components.json`` (format :data:`NO_LLM_FORMAT`: no adapter,
         no backbone; :class:`e4srec.deploy.E4SRecService` refuses it). Returns components.json."""
-        from .deploy import PROJECTIONS_FILE, RECORD_FILE
+        from .deploy import PROJECTIONS_FILE, RECORD_FILE, item_table_file
 
         out_dir = Path(out_dir)
-        if item_embeddings_path is None:
-            if self.item_embeddings_source is None:
-                raise InputError("save_components: the model's item table was given as a tensor; pass "
-                                 "item_embeddings_path (the safetensors file it came from)")
-            item_embeddings_path = self.item_embeddings_source["path"]
-        table_path = Path(item_embeddings_path).resolve()
-        table_sha = sha256_file(table_path)
-        if self.item_embeddings_source and table_sha != self.item_embeddings_source["sha256"]:
-            raise InputError(f"{table_path}: changed since the model was built (sha256 {table_sha}, "
-                             f"was {self.item_embeddings_source['sha256']})")
+        table_path, table_sha = item_table_file(self, item_embeddings_path)
         with atomic_dir(out_dir) as tmp:
             save_tensors(tmp / PROJECTIONS_FILE, self.pluggable_state(),
                          metadata={"n_items": str(self.n_items), "hidden_size": str(self.hidden_size)})

@@ -45,20 +45,28 @@ def _sizes(folder: Path, table: Path) -> dict[str, int | None]:
     return sizes
 
 
+def item_table_file(model, item_embeddings_path: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """(resolved path, sha256) of the file ``model``'s frozen item table came from, which its saved
+    components point to; an error if it was given as a tensor or has changed since."""
+    source = model.item_embeddings_source
+    if item_embeddings_path is None:
+        if source is None:
+            raise InputError("save_components: the model's item table was given as a tensor; pass "
+                             "item_embeddings_path (the safetensors file it came from)")
+        item_embeddings_path = source["path"]
+    table_path = Path(item_embeddings_path).resolve()
+    table_sha = sha256_file(table_path)
+    if source and table_sha != source["sha256"]:
+        raise InputError(f"{table_path}: changed since the model was built (sha256 {table_sha}, "
+                         f"was {source['sha256']})")
+    return table_path, table_sha
+
+
 def save_components(model: E4SRec, out_dir: str | os.PathLike, dataset: str | None = None,
                     item_embeddings_path: str | os.PathLike | None = None) -> dict:
     """Write ``model``'s pluggable components into ``out_dir`` (atomically); return components.json."""
     out_dir = Path(out_dir)
-    if item_embeddings_path is None:
-        if model.item_embeddings_source is None:
-            raise InputError("save_components: the model's item table was given as a tensor; pass "
-                             "item_embeddings_path (the safetensors file it came from)")
-        item_embeddings_path = model.item_embeddings_source["path"]
-    table_path = Path(item_embeddings_path).resolve()
-    table_sha = sha256_file(table_path)
-    if model.item_embeddings_source and table_sha != model.item_embeddings_source["sha256"]:
-        raise InputError(f"{table_path}: changed since the model was built (sha256 {table_sha}, "
-                         f"was {model.item_embeddings_source['sha256']})")
+    table_path, table_sha = item_table_file(model, item_embeddings_path)
     backbone = model.backbone_record
     with atomic_dir(out_dir) as tmp:
         saved = tmp / "peft"

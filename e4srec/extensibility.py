@@ -103,7 +103,7 @@ def measure_serving(backbone_dir: str | Path, components: Mapping[str, str | Pat
         entry["switch_overhead_seconds"] = entry["recommend_seconds_switched"] - entry["recommend_seconds_same"]
 
     shared_scores = {name: service.scores(name, users[name][:check_users]).cpu() for name in names}
-    del service
+    service = None  # free the shared backbone before each dataset is loaded alone
     for name in names:  # each dataset alone on a fresh backbone: identical scores?
         alone = E4SRecService(backbone_dir, device=device)
         alone.add(name, components[name])

@@ -64,3 +64,13 @@ def files_in(folder: str | Path) -> list[str]:
     """Every file name under ``folder`` (hidden temporaries included); [] when it does not exist."""
     folder = Path(folder)
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def main_rc(argv: list[str]) -> int:
+    """``e4srec ARGV`` in process: the exit status the console script would return."""
+    from e4srec import cli
+
+    try:
+        return cli.main(argv)
+    except SystemExit as stop:  # argparse
+        return stop.code

@@ -30,17 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from e4srec import audit, cli, deploy, runs, trainer
+from e4srec import audit, deploy, runs, trainer
 from e4srec.data import SequenceData
 from e4srec.files import InputError, sha256_file, write_json, write_parquet
 from e4srec.recommender import Recommender
 from e4srec.trainer import TrainConfig
 
 try:
-    from helpers import files_in, prepare_tiny, random_sequences
+    from helpers import files_in, main_rc, prepare_tiny, random_sequences
     from tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
 except ImportError:  # tests/ imported as a package
-    from tests.helpers import files_in, prepare_tiny, random_sequences
+    from tests.helpers import files_in, main_rc, prepare_tiny, random_sequences
     from tests.tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,13 +48,6 @@ PAPER = str(ROOT / "paper" / "paper_targets.tsv")
 SASREC_TRAIN = {"device": "cpu", "epochs": 3, "batch_size": 8, "learning_rate": 0.01}
 SASREC_RUN = "runs/tiny/SASRec/default/seed~0"
 POP_RUN = "runs/tiny/POP/default/seed~0"
-
-
-def main_rc(argv: list[str]) -> int:
-    try:
-        return cli.main(argv)
-    except SystemExit as stop:  # argparse
-        return stop.code
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import ast
-import copy
 import io
 import json
 import os
@@ -42,17 +41,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from e4srec import audit, cli, runs, trainer
+from e4srec import runs, trainer
 from e4srec.data import SequenceData
 from e4srec.files import load_tensors, save_tensors, sha256_file, write_parquet
 from e4srec.recommender import Recommender
 from e4srec.trainer import TrainConfig
 
 try:
-    from helpers import files_in, prepare_tiny, random_sequences
+    from helpers import files_in, main_rc, prepare_tiny, random_sequences
     from tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
 except ImportError:  # tests/ imported as a package
-    from tests.helpers import files_in, prepare_tiny, random_sequences
+    from tests.helpers import files_in, main_rc, prepare_tiny, random_sequences
     from tests.tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,14 +76,6 @@ def train_command(dataset: Path, out: Path, model: str, train_params: dict, *ext
     return [sys.executable, "-m", "e4srec.cli", "train", "--dataset-dir", str(dataset), "--model", model,
             "--out", str(out), "--seed", "0", "--train-params", json.dumps(train_params), "--threads", "1",
             "--no-progress", *extra]
-
-
-def main_rc(argv: list[str]) -> int:
-    """``e4srec ARGV`` in process: the exit status the console script would return."""
-    try:
-        return cli.main(argv)
-    except SystemExit as stop:  # argparse
-        return stop.code
 
 
 # ----------------------------------------------------------------------------------------------
