@@ -104,6 +104,8 @@ class E4SRecNoLLM(Recommender):
                  item_embeddings: str | os.PathLike | torch.Tensor | None = None):
         super().__init__(n_items, n_users, max_len)
         self.config = config = config or NoLLMConfig()
+        if config.training == "packed":  # every prefix's mean in one pass (cumulative sums)
+            self.training_input = "sequences"
         table, self.item_embeddings_source = item_table(item_embeddings, n_items, config.item_embedding_dim,
                                                         "E4SRec (no-llm)")
         self.item_embeddings = nn.Embedding.from_pretrained(table, freeze=True, padding_idx=0)  # [N + 1, 64]
@@ -128,7 +130,18 @@ class E4SRecNoLLM(Recommender):
     recommend = E4SRec.recommend  # checked histories -> top-k item ids
     pluggable_state = E4SRec.pluggable_state  # input_proj.weight/bias, item_scorer.weight
 
+    def packed_hidden(self, inputs: torch.Tensor) -> torch.Tensor:
+        """[B, S] left-padded item ids -> [B, S, H]: at position j, :meth:`last_hidden` of ``inputs[:, :j + 1]``."""
+        mask = (inputs > 0).unsqueeze(-1).to(self.item_embeddings.weight.dtype)  # [B, S, 1]
+        sums = (self.item_embeddings(inputs) * mask).cumsum(dim=1)
+        return self.input_proj(sums / mask.cumsum(dim=1).clamp(min=1))
+
     def calculate_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "sequence" in batch:  # training="packed": every (prefix, next item) pair of the windows
+            inputs, targets = batch["sequence"][:, :-1], batch["sequence"][:, 1:]
+            keep = (inputs > 0) & (targets > 0)
+            scores = self.item_scores(self.packed_hidden(inputs)[keep])  # [pairs, N + 1]
+            return F.cross_entropy(scores[:, 1:], targets[keep] - 1)
         scores = self.item_scores(self.last_hidden(batch["history"]))  # [B, N + 1]
         return F.cross_entropy(scores[:, 1:], batch["target"] - 1)
 
@@ -182,6 +195,7 @@ class E4SRecEncoder(E4SRec):
 
     config_class: ClassVar[type] = EncoderConfig
     read_position: ClassVar[int] = 0  # [CLS]
+    packs_targets: ClassVar[bool] = False  # bidirectional: a packed window would let positions see the future
 
     def __init__(self, n_items: int, n_users: int, max_len: int, config: EncoderConfig | None = None,
                  backbone_dir: str | os.PathLike | None = None,

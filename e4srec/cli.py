@@ -72,6 +72,8 @@ def cmd_train(args) -> None:
     record = runs.run(args.dataset_dir, args.model, args.out, variant=args.variant, seed=args.seed,
                       params=args.params, train_params=args.train_params, ties=args.ties,
                       progress=not args.no_progress, **context)
+    if record is None:  # not the main process of several: it trained, the main one evaluated and wrote
+        return
     test = record["metrics"]["test_full"]
     log.info("%s %s/%s seed %d: test HR@10 %.4f NDCG@10 %.4f", record["dataset"], args.model, args.variant,
              args.seed, test["HR@10"], test["NDCG@10"])

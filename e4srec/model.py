@@ -86,6 +86,8 @@ PAPER_INSTRUCTION_PREFIX = (
 PAPER_RESPONSE_PREFIX = "\n### Response:\n"
 SHARE_PREFIX = ("auto", "always", "never")
 COMPILE = ("auto", "always", "never")
+TRAINING = ("examples", "packed")
+PACKED_MIN_WIDTH = 16  # packed compiled training: widths padded to 16, 32, ... max_len (few graphs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +194,14 @@ def chunk_bounds(widths: list[int], max_tokens: int, max_padding: int) -> list[t
     return bounds
 
 
+def packed_width(longest: int, max_len: int) -> int:
+    """The width a packed batch is padded to under compilation: 16, 32, 64, ... capped at ``max_len``."""
+    width = PACKED_MIN_WIDTH
+    while width < longest:
+        width *= 2
+    return min(width, max_len)
+
+
 def _cache_keyword(model: nn.Module) -> str:
     """``cache`` (transformers >= 5.x) or ``past_key_values`` (older) for the decoder's forward."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -251,6 +261,13 @@ class E4SRecConfig:
     # graph serves the run; CUDA graphs on a GPU: 22 vs 281 ms a step on an H200, after 1-2 min compiling):
     # "auto" (on a GPU with an unquantised backbone), "always", "never"
     compile: str = "auto"
+    # "examples": one prompt per (history, next item), as the paper and the official code train.
+    # "packed": one prompt per user holding every target of the user's last max_len + 1 training items:
+    # the history is read once and each target position gets its own copy of the response tokens,
+    # which see only the items up to that position (a 4D attention mask, positions as in its own
+    # prompt), so each target's hidden state is the one its own "examples" prompt gives (tested).
+    # Far fewer tokens and passes per epoch; a batch holds ``batch_size`` users, not examples.
+    training: str = "examples"
     eval_chunk_tokens: int = 32768  # scoring: users sorted by length, at most this many history positions a pass
     eval_chunk_padding: int | None = None  # padding positions a pass may hold (None: unlimited on a GPU, 16 on the CPU)
 
@@ -261,6 +278,8 @@ class E4SRecConfig:
             raise InputError(f"E4SRecConfig.share_prefix: {self.share_prefix!r} is not one of {SHARE_PREFIX}")
         if self.compile not in COMPILE:
             raise InputError(f"E4SRecConfig.compile: {self.compile!r} is not one of {COMPILE}")
+        if self.training not in TRAINING:
+            raise InputError(f"E4SRecConfig.training: {self.training!r} is not one of {TRAINING}")
         if self.eval_chunk_tokens < 1:
             raise InputError("E4SRecConfig.eval_chunk_tokens must be at least 1")
 
@@ -280,6 +299,7 @@ class E4SRec(Recommender):
     training_input: ClassVar[str] = "examples"
     config_class: ClassVar[type] = E4SRecConfig
     read_position: ClassVar[int] = -1  # the position whose hidden state is scored (the plain path)
+    packs_targets: ClassVar[bool] = True  # training="packed" needs a causal decoder
 
     def __init__(self, n_items: int, n_users: int, max_len: int, config: E4SRecConfig | None = None,
                  backbone_dir: str | os.PathLike | None = None,
@@ -288,6 +308,9 @@ class E4SRec(Recommender):
                  adapter_name: str = "default"):
         super().__init__(n_items, n_users, max_len)
         self.config = config = config or self.config_class()
+        if config.training == "packed" and not self.packs_targets:
+            raise InputError(f"{type(self).__name__}: training='packed' needs a causal decoder backbone; "
+                             "use training='examples'")
         table, self.item_embeddings_source = item_table(item_embeddings, n_items, config.item_embedding_dim)
         self.item_embeddings = nn.Embedding.from_pretrained(table, freeze=True, padding_idx=0)  # [N + 1, 64]
 
@@ -318,6 +341,8 @@ class E4SRec(Recommender):
                                  if "lora_" in name and f".{adapter_name}." in name]
         self._prefix_cache: tuple[tuple, list] | None = None
         self._compiled = None  # (compiled training loss, its batch size), built at the first compiled step
+        if config.training == "packed":
+            self.training_input = "sequences"  # the trainer sends [B, max_len + 1] windows
 
     def _register_prompt(self, tokenizer) -> None:
         """Buffers ``prefix_ids`` [P] and ``response_ids`` [R]: the prompt around the history (no BOS)."""
@@ -422,9 +447,92 @@ class E4SRec(Recommender):
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return F.linear(hidden.float(), self.item_scorer.weight.float())
 
+    # -- packed training (``training="packed"``) ------------------------------------------------
+
+    def _attention_mask_4d(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[B, Q, K] booleans (True: may attend) -> the 4D mask the backbone's attention takes as is."""
+        implementation = getattr(self.backbone.get_base_model().config, "_attn_implementation", "eager")
+        if implementation == "sdpa":
+            return allowed[:, None]
+        if implementation == "eager":
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)[:, None]
+        raise InputError(f"E4SRec training='packed' needs a custom attention mask: attention implementation "
+                         f"{implementation!r} does not take one (load the backbone with sdpa or eager attention)")
+
+    def packed_hidden(self, inputs: torch.Tensor, share_prefix: bool | None = None) -> torch.Tensor:
+        """[B, S] left-padded item ids -> [B, S, H]: at position j, the hidden state that the prompt
+        of the history ``inputs[:, :j + 1]`` alone gives (its response's last token).
+
+        One pass per user: [prefix (P)] [items (S)] [S copies of the response tokens (R each)].
+        Response copy j attends to the prefix, the items up to j and its own earlier tokens; items
+        attend causally to the prefix and earlier items; padding is never attended to. Positions are
+        those of copy j's own prompt (prefix 0..P-1, items P.., response right after item j)."""
+        self._activate()
+        batch_size, width = inputs.shape
+        prefix_len, response_len = self.prefix_ids.shape[0], self.response_ids.shape[0]
+        device = inputs.device
+        share = self.shares_prefix(device) if share_prefix is None else share_prefix
+        with self._autocast():
+            response = self._embed_tokens(self.response_ids)  # [R, H]
+            items = self._embed_history(inputs, response.dtype)  # [B, S, H]
+            copies = response[None, None].expand(batch_size, width, -1, -1).reshape(batch_size, width * response_len, -1)
+            valid = inputs > 0
+            count = valid.cumsum(dim=1)  # [B, S] items up to and including j
+            offsets = torch.arange(response_len, device=device)
+            position_ids = torch.cat([prefix_len - 1 + count,  # padding repeats the previous position
+                                      ((prefix_len + count)[:, :, None] + offsets).reshape(batch_size, -1)], dim=1)
+            # who may attend to whom among items and response copies ([B, Q, Q], Q = S + S * R)
+            seen = torch.ones(width, width, dtype=torch.bool, device=device).tril()[None] & valid[:, None, :]
+            own_copy = torch.kron(torch.eye(width, device=device),
+                                  torch.ones(response_len, response_len, device=device).tril()).bool()
+            allowed = torch.cat([torch.cat([seen, seen.new_zeros(batch_size, width, width * response_len)], dim=2),
+                                 torch.cat([seen.repeat_interleave(response_len, dim=1),
+                                            own_copy[None].expand(batch_size, -1, -1)], dim=2)], dim=1)
+            queries = allowed.shape[1]
+            allowed = torch.cat([allowed.new_ones(batch_size, queries, prefix_len), allowed], dim=2)  # + prefix keys
+            embeds = torch.cat([items, copies], dim=1)
+            if share:
+                cache = _expanded_cache(self._prefix_layers(), batch_size, self.backbone.get_base_model().config)
+                extra = {"use_cache": True, self._cache_keyword: cache}
+            else:  # the prefix runs in every row: its queries see only earlier prefix tokens
+                prefix_rows = torch.cat([torch.ones(prefix_len, prefix_len, dtype=torch.bool, device=device).tril(),
+                                         allowed.new_zeros(prefix_len, queries)], dim=1)
+                allowed = torch.cat([prefix_rows[None].expand(batch_size, -1, -1), allowed], dim=1)
+                embeds = torch.cat([self._embed_tokens(self.prefix_ids)[None].expand(batch_size, -1, -1), embeds], dim=1)
+                position_ids = torch.cat([torch.arange(prefix_len, device=device)[None].expand(batch_size, -1),
+                                          position_ids], dim=1)
+                extra = {"use_cache": False}
+            output = self.backbone(inputs_embeds=embeds, attention_mask=self._attention_mask_4d(allowed, embeds.dtype),
+                                   position_ids=position_ids, **extra)
+            hidden = output.last_hidden_state[:, -width * response_len:]
+            return hidden.reshape(batch_size, width, response_len, -1)[:, :, -1]  # [B, S, H]
+
+    def _packed_loss(self, sequence: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over every (history, next item) pair of the windows [B, max_len + 1], averaged
+        over the batch's pairs; the eager path trims the batch to its longest window (one host sync)."""
+        inputs, targets = sequence[:, :-1], sequence[:, 1:]
+        if self.training and self.compiles(sequence.device):
+            return self._compiled_loss(inputs, targets)
+        keep = (inputs > 0) & (targets > 0)
+        width = int(keep.sum(dim=1).max())
+        inputs, targets, keep = inputs[:, -width:], targets[:, -width:], keep[:, -width:]
+        hidden = self.packed_hidden(inputs)  # [B, S, H]
+        scores = self.item_scores(hidden[keep])  # [pairs, N + 1]
+        return F.cross_entropy(scores[:, 1:], targets[keep] - 1)
+
+    def _static_packed_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """:meth:`_packed_loss` on fixed shapes, no host sync (padding pairs ignored)."""
+        keep = (inputs > 0) & (targets > 0)
+        scores = self.item_scores(self.packed_hidden(inputs))  # [B, S, N + 1]
+        labels = torch.where(keep, targets - 1, torch.full_like(targets, -1))
+        return F.cross_entropy(scores[..., 1:].flatten(0, 1), labels.flatten(), ignore_index=-1)
+
     # -- the recommender interface --------------------------------------------------------------
 
     def calculate_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "sequence" in batch:  # training="packed"
+            return self._packed_loss(batch["sequence"])
         history, target = batch["history"], batch["target"]
         if self.training and self.compiles(history.device):
             return self._compiled_loss(history, target)
@@ -442,16 +550,23 @@ class E4SRec(Recommender):
         return F.cross_entropy(scores[:, 1:], target - 1, ignore_index=-1)
 
     def _compiled_loss(self, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The compiled :meth:`_static_loss`; a smaller batch (an epoch's last) is padded to the first
-        batch's size so that it reuses the graph instead of compiling another."""
+        """The compiled :meth:`_static_loss` (or, for packed windows, :meth:`_static_packed_loss`); a
+        smaller batch (an epoch's last) is padded to the first batch's size so that it reuses the graph
+        instead of compiling another. Packed windows are cut to the width bucket of their longest
+        (:func:`packed_width`: a few graphs instead of one per width, or all at max_len)."""
+        packed = target.ndim == 2
         if self._compiled is None:
             mode = "reduce-overhead" if history.device.type == "cuda" else None  # CUDA graphs
-            self._compiled = (torch.compile(self._static_loss, dynamic=False, mode=mode), history.shape[0])
+            function = self._static_packed_loss if packed else self._static_loss
+            self._compiled = (torch.compile(function, dynamic=False, mode=mode), history.shape[0])
         compiled, size = self._compiled
         missing = size - history.shape[0]
         if missing > 0:
-            history = torch.cat([history, history.new_zeros(missing, history.shape[1])])
-            target = torch.cat([target, target.new_zeros(missing)])
+            history = torch.cat([history, history.new_zeros(missing, *history.shape[1:])])
+            target = torch.cat([target, target.new_zeros(missing, *target.shape[1:])])
+        if packed:
+            width = packed_width(int(((history > 0) & (target > 0)).sum(dim=1).max()), history.shape[1])
+            history, target = history[:, -width:], target[:, -width:]
         self._activate()
         with self._autocast():
             return compiled(history, target)

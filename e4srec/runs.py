@@ -4,6 +4,10 @@ A run folder holds ``ranks.parquet`` (the per-user ranks, the source of every me
 (provenance, resolved configuration, training history, timings) and, where the model has them,
 ``item_embeddings.safetensors`` ([n_items + 1, d], row 0 padding) taken from the checkpoint
 selected on the validation item. Checkpoints live in ``checkpoints/`` (not committed).
+
+Under several processes (``accelerate launch``/``torchrun``, data-parallel training, see
+:mod:`e4srec.trainer`) every process trains; then the main process alone ranks the users and writes
+the run folder, and the others return None at once (the ranking is not sharded).
 """
 from __future__ import annotations
 
@@ -139,8 +143,9 @@ def nondeterminism_settings(device) -> dict:
 
 def run(dataset_dir: str | Path, model_name: str, out_dir: str | Path, *, variant: str = "default",
         seed: int = 0, params: dict | None = None, train_params: dict | None = None,
-        ties: str = "pessimistic", progress: bool = True, **context) -> dict:
-    """Train and evaluate one model on one prepared dataset; write the run folder; return its record."""
+        ties: str = "pessimistic", progress: bool = True, **context) -> dict | None:
+    """Train and evaluate one model on one prepared dataset; write the run folder; return its record
+    (None on a process other than the main one of several: only the main one evaluates and writes)."""
     out_dir = Path(out_dir)
     provenance.git_state()  # the commit as the run starts (cached): the code that actually ran
     train_config = TrainConfig.from_dict({**(train_params or {}), "seed": seed})
@@ -153,7 +158,10 @@ def run(dataset_dir: str | Path, model_name: str, out_dir: str | Path, *, varian
     checksums = input_checksums(dataset_dir)
     training = train(model, data, train_config, out_dir / "checkpoints", progress=progress,
                      resume_key=resume_key(model, params, train_config, checksums))
-    device = make_accelerator(train_config).device
+    accelerator = make_accelerator(train_config)
+    if not accelerator.is_main_process:
+        return None
+    device = accelerator.device
     model.to(device).eval()
     eval_started = time.perf_counter()
     ranks = rank_all(model.full_sort_predict, data, train_config.eval_batch_size, device, ties)

@@ -12,6 +12,15 @@ consistent epoch (uncommitted staged files are dropped, committed ones moved int
 A checkpoint is resumed only under the resume key it was written with (settings and input sha256,
 from :func:`e4srec.runs.run`): a job rerun with other parameters or inputs starts over. With
 ``oom_retry`` a step out of GPU memory is retried in micro-batches (gradient accumulation).
+
+Several processes (``accelerate launch --num_processes N`` or ``torchrun``, data-parallel through
+DDP): every process builds the same model and draws the same batches, and takes its own slice of each
+(:func:`shard_batch`), so ``batch_size`` stays the global batch: the optimizer steps, the schedule
+and the batches are those of one process, and a checkpoint resumes under any number of processes.
+Each process draws its own dropout and negatives (seeded by (seed, epoch, rank)). The epoch's loss
+is that of the global batches; every process validates, and all of them take the main process's
+NDCG@10, so that they stop and select alike. The main process alone writes checkpoints, the others
+wait for it (one machine, or a shared file system).
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import os
 import resource
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +67,10 @@ class TrainConfig:
     # (gradient accumulation): the same effective batch and the same optimizer steps. Recorded in
     # the training record (``oom_retries``, ``micro_batches``) and kept for the rest of the run.
     oom_retry: bool = False
+    # Batches of similar lengths (as transformers' ``group_by_length``): the epoch's shuffled order is
+    # cut into groups of 50 batches, each sorted by length, and the full batches are shuffled again
+    # (the smaller last batch stays last). Less padding for models that pad to a batch's longest.
+    group_by_length: bool = False
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -90,32 +104,77 @@ def out_of_memory_message(config: TrainConfig, epoch: int, step: int, device, er
             f"(E4SRec params). CUDA said: {first_line}")
 
 
-def optimizer_step(model, batch: dict, micro_batches: int, accelerator, optimizer, parameters, config: TrainConfig,
-                   epoch: int, step: int, index: int) -> float:
-    """Forward, backward and one optimizer step on ``batch``; returns the batch's loss. With
-    ``micro_batches`` > 1 the batch goes through in that many slices whose losses are weighted by
-    their share of the batch and whose gradients add up before the one step (gradient accumulation):
-    the gradient of the whole batch's mean loss for losses that average over the batch's users, an
-    approximation of it for losses averaged over positions or using in-batch negatives."""
+def shard_batch(batch: dict, rank: int, world: int) -> tuple[dict, float]:
+    """This process's contiguous slice of a global batch and its share of the batch's rows.
+
+    Under several processes (DDP) every process draws the same global batches and takes its own slice,
+    so the global batch, the optimizer steps and the schedule are those of one process. Slices are as
+    equal as possible (the first ``rows % world`` processes get one row more), in rank order: together
+    they cover the batch once, in order. A process whose slice would be empty (a batch of fewer rows
+    than processes, such as an epoch's last) gets the batch's first row with share 0: DDP needs every
+    process to run forward and backward, and a zero-weighted loss adds nothing to the gradients."""
+    size = len(batch["user"])
+    base, extra = divmod(size, world)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (rank < extra)
+    if stop == start:
+        return {key: value[:1] for key, value in batch.items()}, 0.0
+    part = batch if (start, stop) == (0, size) else {key: value[start:stop] for key, value in batch.items()}
+    return part, (stop - start) / size
+
+
+def accumulate_gradients(model, batch: dict, share: float, micro_batches: int, accelerator, optimizer,
+                         epoch: int, step: int, index: int, sync: bool = True) -> float:
+    """Forward and backward of this process's ``batch``, its ``share`` of the global batch; returns its
+    part of the global batch's mean loss (the processes' parts add up to it).
+
+    With ``micro_batches`` > 1 the batch goes through in that many slices whose gradients add up
+    (gradient accumulation). Every loss is weighted by its slice's share of the global batch, times the
+    number of processes since DDP averages their gradients: together the gradient of the global batch's
+    mean loss for losses that average over the batch's users, an approximation of it for losses
+    averaged over positions or using in-batch negatives. DDP all-reduces the gradients during the last
+    slice's backward; with ``sync`` False no slice does (the caller reduces them, see
+    :func:`_all_reduce_gradients`)."""
     size = len(batch["user"])
     chunk = math.ceil(size / max(micro_batches, 1))
+    world = accelerator.num_processes
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for start in range(0, size, chunk):
         part = batch if chunk >= size else {key: value[start:start + chunk] for key, value in batch.items()}
-        with accelerator.autocast():
-            loss = model(part)  # Recommender.forward is calculate_loss (so DDP wrappers sync)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step} "
-                                     f"(batch {index}, users {part['user'][:8].tolist()}...): "
-                                     "lower the learning rate")
-        weight = len(part["user"]) / size
-        accelerator.backward(loss if chunk >= size else loss * weight)
+        last = start + chunk >= size
+        with nullcontext() if sync and last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                loss = model(part)  # Recommender.forward is calculate_loss (so DDP wrappers sync)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step} "
+                                         f"(batch {index}, users {part['user'][:8].tolist()}...): "
+                                         "lower the learning rate")
+            weight = len(part["user"]) / size * share
+            accelerator.backward(loss if weight * world == 1 else loss * (weight * world))
         total += loss.item() * weight
-    if config.max_grad_norm:
-        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-    optimizer.step()
     return total
+
+
+def _out_of_memory_anywhere(accelerator, cuda_said: str | None) -> str | None:
+    """What CUDA said where any process ran out of memory in this step (None: none did), the same on
+    every process, so that all of them retry the step together."""
+    from accelerate.utils import gather_object, reduce
+
+    failed = reduce(torch.tensor([cuda_said is not None], dtype=torch.int64, device=accelerator.device), "sum")
+    if not failed.item():
+        return None
+    said = gather_object([cuda_said])
+    return next(f"process {rank}: {text}" for rank, text in enumerate(said) if text is not None)
+
+
+def _all_reduce_gradients(parameters: list[torch.nn.Parameter], world: int) -> None:
+    """The mean of every process's gradients, as DDP's reducer would have made it during backward."""
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        torch.distributed.all_reduce(parameter.grad)
+        parameter.grad.div_(world)
 
 
 def _split_after_out_of_memory(optimizer, state: dict, micro_batches: int, size: int, epoch: int,
@@ -166,8 +225,22 @@ def make_accelerator(config: TrainConfig):
     return Accelerator(cpu=use_cpu, mixed_precision=precision)
 
 
+GROUP_BATCHES = 50  # group_by_length: batches per group sorted by length
+
+
+def length_grouped(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """``order`` regrouped so that each batch holds rows of similar ``lengths``; the full batches in a
+    random order, the smaller last one (if any) last."""
+    group = GROUP_BATCHES * batch_size
+    grouped = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")]
+                              for chunk in np.split(order, range(group, len(order), group))]) if len(order) else order
+    full = len(order) // batch_size
+    batches = grouped[:full * batch_size].reshape(full, batch_size)[rng.permutation(full)]
+    return np.concatenate([batches.reshape(-1), grouped[full * batch_size:]])
+
+
 def training_batches(model: Recommender, data: SequenceData, batch_size: int, seed: int, epoch: int,
-                     device) -> tuple[int, "iter"]:
+                     device, group_by_length: bool = False) -> tuple[int, "iter"]:
     """(number of batches, iterator of batch dicts) for one epoch, shuffled by (seed, epoch)."""
     rng = np.random.default_rng([seed, epoch])
     if model.training_input == "sequences":
@@ -180,6 +253,9 @@ def training_batches(model: Recommender, data: SequenceData, batch_size: int, se
     else:
         return 0, iter(())
     order = rng.permutation(len(arrays["user"]))
+    if group_by_length:
+        padded = arrays["sequence"] if "sequence" in arrays else arrays["history"]
+        order = length_grouped(order, (padded > 0).sum(axis=1), batch_size, rng)
     n_batches = math.ceil(len(order) / batch_size)
 
     def batches():
@@ -279,7 +355,8 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
     seed_everything(config.seed)
     model.to(device)
     model.fit(data)  # runs on the model's device (S3-Rec pretrains here)
-    record = {"config": dataclasses.asdict(config), "device": str(device), "epochs": []}
+    record = {"config": dataclasses.asdict(config), "device": str(device), "world_size": accelerator.num_processes,
+              "distributed_type": accelerator.distributed_type.value, "epochs": []}
     if model.training_input == "none":
         record.update(best_epoch=0, stopped="no training (fitted statistics)", train_seconds=0.0)
         return record
@@ -307,76 +384,105 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
     if resume_key is not None:
         resume_key = json.loads(json.dumps(resume_key, sort_keys=True, default=str))
         state["resume_key"] = resume_key
-        _discard_foreign_checkpoint(checkpoint_dir, resume_key)
+    main = accelerator.is_main_process  # the one process that writes or deletes checkpoint files
+    if main:
+        if resume_key is not None:
+            _discard_foreign_checkpoint(checkpoint_dir, resume_key)
+        # finish (or drop) a checkpoint cut short; without state.json, drop the staged files of a run
+        # killed in epoch 0
+        _settle_checkpoint(checkpoint_dir, read_json(state_path)["epoch"] if state_path.exists() else -1)
+    accelerator.wait_for_everyone()  # the others read the checkpoint only once it is settled
     if state_path.exists():  # resume
         state = read_json(state_path)
-        _settle_checkpoint(checkpoint_dir, state["epoch"])  # finish (or drop) a checkpoint cut short
         load_trainable_state(raw_model, load_tensors(checkpoint_dir / "last.safetensors"), checkpoint_dir / "last.safetensors")
         _load_optimizer(optimizer, load_tensors(checkpoint_dir / "optimizer.safetensors"), state["optimizer"])
         with warnings.catch_warnings():  # replaying the schedule before any optimizer step is intended
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             for _ in range(state["step"]):
                 scheduler.step()
-        log.info("resumed from %s after epoch %d", checkpoint_dir, state["epoch"])
-    else:
-        _settle_checkpoint(checkpoint_dir, state["epoch"])  # drops staged files of a run killed in epoch 0
+        if main:
+            log.info("resumed from %s after epoch %d", checkpoint_dir, state["epoch"])
 
     model.train()
     micro_batches = state.get("micro_batches", 1)  # > 1 after an out-of-memory retry (oom_retry)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    # Several processes with oom_retry: each computes its gradients alone, and they are all-reduced only
+    # once every process got through the step. DDP's own all-reduce, which starts during backward,
+    # cannot be taken back when one process runs out of memory while the others already wait in it.
+    deferred = world > 1 and config.oom_retry
     for epoch in range(state["epoch"] + 1, config.epochs):
         if state["bad_epochs"] >= config.patience:
             break
         seed_everything(config.seed, epoch)
         raw_model.on_epoch_start(data, epoch)
-        n_batches, batches = training_batches(raw_model, data, config.batch_size, config.seed, epoch, device)
+        if world > 1:  # the same epoch set-up everywhere, but each process its own dropout and negatives
+            seed_everything(config.seed, epoch, rank)
+        n_batches, batches = training_batches(raw_model, data, config.batch_size, config.seed, epoch, device,
+                                              config.group_by_length)
         n_batches = min(n_batches, config.max_steps_per_epoch or n_batches)
         started, total_loss, examples = time.perf_counter(), 0.0, 0
-        bar = tqdm(batches, total=n_batches, desc=f"{data.name} epoch {epoch}", disable=not progress, leave=False)
+        bar = tqdm(batches, total=n_batches, desc=f"{data.name} epoch {epoch}", disable=not (progress and main),
+                   leave=False)
         for index, batch in enumerate(bar):
             if index >= n_batches:
                 break
+            shard, share = shard_batch(batch, rank, world)  # the whole batch on one process
             while True:
                 cuda_said = None
                 try:
-                    loss = optimizer_step(model, batch, micro_batches, accelerator, optimizer, parameters, config,
-                                          epoch, state["step"], index)
+                    loss = accumulate_gradients(model, shard, share, micro_batches, accelerator, optimizer, epoch,
+                                                state["step"], index, sync=not deferred)
                 except torch.cuda.OutOfMemoryError as err:
-                    if not config.oom_retry or micro_batches >= len(batch["user"]):
+                    if not config.oom_retry or micro_batches >= len(shard["user"]):
                         raise RuntimeError(out_of_memory_message(config, epoch, state["step"], device, err,
                                                                  micro_batches)) from err
                     cuda_said = (str(err).strip().splitlines() or ["CUDA out of memory"])[0]
+                if deferred:
+                    cuda_said = _out_of_memory_anywhere(accelerator, cuda_said)
                 if cuda_said is None:
                     break
                 # outside the except block: the failed attempt's tensors are freed before the retry
-                micro_batches = _split_after_out_of_memory(optimizer, state, micro_batches, len(batch["user"]),
+                micro_batches = _split_after_out_of_memory(optimizer, state, micro_batches, len(shard["user"]),
                                                            epoch, cuda_said)
+            if deferred:
+                _all_reduce_gradients(parameters, world)
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
             scheduler.step()
             state["step"] += 1
             total_loss += loss
             examples += len(batch["user"])
-            bar.set_postfix(loss=f"{total_loss / (index + 1):.4f}")
+            bar.set_postfix(loss=f"{total_loss * world / (index + 1):.4f}")  # this process's slices, scaled
         seconds = time.perf_counter() - started
         valid = validation_ndcg10(raw_model, data, config, device)
+        if world > 1:  # the global batches' mean loss; every process keeps the main one's validation
+            from accelerate.utils import broadcast, reduce
+
+            total_loss = reduce(torch.tensor(total_loss, dtype=torch.float64, device=device), "sum").item()
+            valid = broadcast(torch.tensor([valid], dtype=torch.float64, device=device)).item()
         improved = valid > state["best_valid_ndcg10"]
         state["epochs"].append({"epoch": epoch, "loss": total_loss / max(n_batches, 1), "valid_ndcg10": valid,
                                 "seconds": seconds, "examples": examples})
         state["train_seconds"] += seconds
-        log.info("%s epoch %d: loss %.4f, valid NDCG@10 %.4f, %.1f s", data.name, epoch,
-                 total_loss / max(n_batches, 1), valid, seconds)
-        weights = trainable_state(raw_model)
-        tag = {"epoch": str(epoch)}  # staged, then committed by state.json (see _settle_checkpoint)
+        state["epoch"] = epoch
         if improved:
             state.update(best_epoch=epoch, best_valid_ndcg10=valid, bad_epochs=0)
-            save_tensors(checkpoint_dir / "best.next.safetensors", weights, metadata=tag)
         else:
             state["bad_epochs"] += 1
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-        save_tensors(checkpoint_dir / "last.next.safetensors", weights, metadata=tag)
-        save_tensors(checkpoint_dir / "optimizer.next.safetensors", opt_tensors, metadata=tag)
-        state["epoch"] = epoch
-        state["optimizer"] = opt_meta
-        write_json(state_path, state)  # the commit: it marks the epoch as complete
-        _settle_checkpoint(checkpoint_dir, epoch)
+        if main:
+            log.info("%s epoch %d: loss %.4f, valid NDCG@10 %.4f, %.1f s", data.name, epoch,
+                     total_loss / max(n_batches, 1), valid, seconds)
+            weights = trainable_state(raw_model)
+            tag = {"epoch": str(epoch)}  # staged, then committed by state.json (see _settle_checkpoint)
+            if improved:
+                save_tensors(checkpoint_dir / "best.next.safetensors", weights, metadata=tag)
+            opt_tensors, state["optimizer"] = _optimizer_tensors(optimizer)
+            save_tensors(checkpoint_dir / "last.next.safetensors", weights, metadata=tag)
+            save_tensors(checkpoint_dir / "optimizer.next.safetensors", opt_tensors, metadata=tag)
+            write_json(state_path, state)  # the commit: it marks the epoch as complete
+            _settle_checkpoint(checkpoint_dir, epoch)
+        accelerator.wait_for_everyone()  # no process reads a checkpoint before it is complete
 
     if state["best_epoch"] >= 0:
         best = checkpoint_dir / "best.safetensors"

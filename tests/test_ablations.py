@@ -123,6 +123,25 @@ def test_no_llm_backbone_must_agree_on_width(tiny, tmp_path):
         E4SRecNoLLM(N_ITEMS, 5, 50)
 
 
+def test_no_llm_packed_loss_equals_examples(tiny):
+    """training='packed' for no-llm: cumulative means give every prefix's user vector in one pass."""
+    windows = torch.tensor([[0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 7, 8]])
+    histories, targets = [], []
+    for window in windows.tolist():
+        items = [i for i in window if i > 0]
+        for t in range(1, len(items)):
+            histories.append([0] * (5 - t) + items[:t])
+            targets.append(items[t])
+    losses = []
+    for training, batch in (("packed", {"sequence": windows}),
+                            ("examples", {"history": torch.tensor(histories), "target": torch.tensor(targets)})):
+        torch.manual_seed(0)
+        model = E4SRecNoLLM(N_ITEMS, 5, 50, NoLLMConfig(training=training), item_embeddings=tiny["table"])
+        assert model.training_input == ("sequences" if training == "packed" else "examples")
+        losses.append(model.calculate_loss(batch))
+    torch.testing.assert_close(losses[0], losses[1])
+
+
 def test_no_llm_run_through_the_runner(tiny, tmp_path):
     """``--model E4SRec --variant no-llm`` picks the ablation's class; no backbone anywhere."""
     assert runs.model_class("E4SRec", "no-llm") is E4SRecNoLLM
@@ -179,6 +198,9 @@ def test_bert_encoder_checks(tiny, tmp_path):
                       item_embeddings=tiny["table"])
     with pytest.raises(InputError, match="positions"):  # 128 positions: prompt + 100 items do not fit
         E4SRecEncoder(N_ITEMS, 5, 100, backbone_dir=tiny["bert"], item_embeddings=tiny["table"])
+    with pytest.raises(InputError, match="causal decoder"):  # packed windows would see the future
+        E4SRecEncoder(N_ITEMS, 5, 50, EncoderConfig(training="packed"), backbone_dir=tiny["bert"],
+                      item_embeddings=tiny["table"])
 
 
 def test_bert_encoder_run_and_resolve_local_folder(tiny, tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 from e4srec import backbone, commands, deploy, instruct, runs
 from e4srec.files import InputError, load_tensors, save_tensors
-from e4srec.model import E4SRec, E4SRecConfig, chunk_bounds, trim_history
+from e4srec.model import E4SRec, E4SRecConfig, chunk_bounds, packed_width, trim_history
 from tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
 
 N_ITEMS = 30
@@ -105,6 +105,81 @@ def test_compiled_loss_equals_eager(tiny):
         torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
         for grad_e, grad_c in zip(grads_e, grads_c):
             torch.testing.assert_close(grad_c, grad_e, atol=1e-5, rtol=1e-4)
+
+
+WINDOWS = torch.tensor([[0, 0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7], [0, 0, 0, 0, 0, 7, 8], [0, 9, 8, 7, 6, 5, 4]])
+
+
+def examples_of(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (history, target) examples of left-padded windows, as ``training="examples"`` sees them."""
+    histories, targets = [], []
+    for window in windows.tolist():
+        items = [i for i in window if i > 0]
+        for t in range(1, len(items)):
+            histories.append([0] * (windows.shape[1] - 1 - t) + items[:t])
+            targets.append(items[t])
+    return torch.tensor(histories), torch.tensor(targets)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_hidden_equals_one_prompt_per_example(tiny, attention):
+    """Each target position of a packed window gets the hidden state of its own prompt."""
+    model = build(tiny, lora_dropout=0.0, training="packed")
+    model.backbone.get_base_model().config._attn_implementation = attention
+    model.eval()
+    inputs = WINDOWS[:, :-1]
+    with torch.no_grad():
+        for share in (True, False):
+            packed = model.packed_hidden(inputs, share_prefix=share)  # [B, S, H]
+            for j in range(inputs.shape[1]):
+                real = inputs[:, j] > 0
+                alone = model._last_hidden_plain(inputs[:, :j + 1])
+                torch.testing.assert_close(packed[real, j], alone[real], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_loss_and_gradients_equal_examples(tiny):
+    """Packed training = the example-per-target loss averaged over the same pairs (same gradients)."""
+    histories, targets = examples_of(WINDOWS)
+    results = []
+    for training, batch in (("packed", {"sequence": WINDOWS, "user": torch.arange(4)}),
+                            ("examples", {"history": histories, "target": targets, "user": torch.arange(len(targets))})):
+        model = build(tiny, lora_dropout=0.0, training=training, compile="never")
+        assert model.training_input == ("sequences" if training == "packed" else "examples")
+        model.train()
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert len(targets) == 15  # 3 + 6 + 1 + 5 pairs
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_compiled_loss_equals_eager(tiny):
+    """The compiled packed loss (widths padded to 8, 16, ...; a smaller last batch padded) = eager."""
+    model = build(tiny, lora_dropout=0.0, training="packed", compile="never")
+    model.train()
+    windows = torch.nn.functional.pad(WINDOWS, (44, 0))  # [4, 51], as the trainer sends them
+    batches = [{"sequence": windows}, {"sequence": windows[2:]}]  # widths 6 and 5 -> one bucket of 16
+
+    def step(batch):
+        model.zero_grad()
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    eager = [step(batch) for batch in batches]
+    model.config.compile = "always"
+    compiled = [step(batch) for batch in batches]
+    assert model._compiled[1] == 4
+    for (loss_e, grads_e), (loss_c, grads_c) in zip(eager, compiled):
+        torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
+        for grad_e, grad_c in zip(grads_e, grads_c):
+            torch.testing.assert_close(grad_c, grad_e, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_width_buckets():
+    assert [packed_width(n, 50) for n in (1, 8, 16, 17, 32, 33, 50)] == [16, 16, 16, 32, 32, 50, 50]
 
 
 def test_prefix_cache_follows_lora_weights(tiny):
@@ -393,13 +468,15 @@ def test_cli(tiny, components, capsys, tmp_path):
         assert exit_.value.code == 0
 
 
-def test_run_writes_ranks(tiny, tmp_path):
+@pytest.mark.parametrize("training", ["examples", "packed"])
+def test_run_writes_ranks(tiny, tmp_path, training):
     dataset = write_tiny_dataset(tmp_path / "data" / "tiny", n_items=N_ITEMS)
-    record = runs.run(dataset, "E4SRec", tmp_path / "run", params={"lora_r": 4},
+    record = runs.run(dataset, "E4SRec", tmp_path / "run", params={"lora_r": 4, "training": training},
                       train_params={"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 3, "learning_rate": 1e-3,
-                                    "eval_batch_size": 16, "device": "cpu"},
+                                    "eval_batch_size": 16, "device": "cpu", "group_by_length": True},
                       progress=False, backbone_dir=tiny["backbone"], item_embeddings=tiny["table"])
     ranks = pd.read_parquet(tmp_path / "run" / "ranks.parquet")
     assert len(ranks) == 24 and ranks["test_full"].between(1, N_ITEMS).all()
     assert record["params"]["lora_r"] == 4 and record["backbone_dir"] == str(tiny["backbone"])
-    assert record["trainable_parameters"] > 0
+    assert record["params"]["training"] == training and record["trainable_parameters"] > 0
+    assert record["training"]["epochs"][0]["examples"] == 24  # 3 steps of 8 (users or examples)

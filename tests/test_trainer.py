@@ -299,3 +299,17 @@ def test_unknown_model_and_parameter(dataset_dir, tmp_path):
     with pytest.raises(runs.InputError, match=r"unknown parameter\(s\) \['depth'\] for POP"):
         runs.run(dataset_dir, "POP", tmp_path / "run", params={"depth": 2}, progress=False)
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_length_grouped_batches():
+    """group_by_length: a permutation of the epoch; each batch's rows of similar length; the smaller
+    last batch stays last; seeded."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 51, size=1003)
+    order = np.random.default_rng(1).permutation(1003)
+    grouped = trainer.length_grouped(order, lengths, 10, np.random.default_rng(2))
+    assert sorted(grouped.tolist()) == list(range(1003))
+    assert set(grouped[1000:].tolist()) == set(order[1000:].tolist())  # the last group: 3 rows
+    spread = [np.ptp(lengths[grouped[i:i + 10]]) for i in range(0, 1000, 10)]
+    assert np.mean(spread) < 5  # random batches of 10 would spread over about 40
+    np.testing.assert_array_equal(grouped, trainer.length_grouped(order, lengths, 10, np.random.default_rng(2)))

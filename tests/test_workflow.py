@@ -2,6 +2,7 @@
 end to end offline (every target, tiny data) into a temporary folder."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,29 @@ def test_slurm_profile_plans_gpu_jobs(tmp_path):
                        "--config", f"out={tmp_path}/results", f"resources={tmp_path}/resources")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "slurm_extra=--gres=gpu:1" in result.stdout
+
+
+TRAINING_RULES = {"train_baseline", "train_embedding_baseline", "train_e4srec"}
+
+
+def planned_training_jobs(stdout: str) -> list[tuple[str, str, str]]:
+    """(rule, resources line, shell command) of every planned training job of a dry run with -p."""
+    jobs = re.findall(r"^rule (\w+):\n(.*?)^Shell command: (.*?)$", stdout, flags=re.M | re.S)
+    return [(rule, re.search(r"resources: (.*)", body).group(1), command)
+            for rule, body, command in jobs if rule in TRAINING_RULES]
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_gpus_per_job_launches_data_parallel_training(tmp_path, gpus):
+    """gpus_per_job: N > 1 runs every training job through `accelerate launch` over N processes and asks
+    for N GPUs; 1 (the default) keeps the one-process `e4srec train` and one GPU (dry run)."""
+    result = snakemake("-n", "-p", "--configfile", ".test/config.yaml", "--config", f"out={tmp_path}/results",
+                       f"resources={tmp_path}/resources", "device=cuda", f"gpus_per_job={gpus}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = planned_training_jobs(result.stdout)
+    assert {rule for rule, _, _ in jobs} == TRAINING_RULES
+    launch = ("accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
+              "--dynamo_backend no --main_process_port 0 -m e4srec.cli train --dataset-dir ")
+    for rule, resources, command in jobs:
+        assert command.startswith(launch if gpus > 1 else "e4srec train --dataset-dir "), (rule, command)
+        assert f"gpu={gpus}" in resources.split(", "), (rule, resources)

@@ -309,3 +309,30 @@ def test_gpu_benchmark_script_help_and_no_gpu(tmp_path):
     assert refused.returncode == 3, refused.stderr
     assert "no CUDA GPU" in refused.stderr and "Traceback" not in refused.stderr
     assert not out.exists()
+
+
+def test_gpu_benchmark_script_runs_every_part_on_the_cpu(tmp_path):
+    """--cpu-smoke-test: every row of the GPU benchmark (both training layouts, the packed epoch, two
+    scoring settings with identical ranks, the bare backbone, SASRec) on tiny data; timings mean nothing."""
+    import json
+
+    from tiny_llm import write_tiny_dataset
+
+    backbone = write_tiny_backbone(tmp_path / "backbone")
+    dataset = write_tiny_dataset(tmp_path / "data" / "tiny", n_items=30)
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke-test", "--dataset-dir", str(dataset),
+                           "--backbone", str(backbone), "--out", str(out), "--modes", "eager", "--batch-sizes", "4",
+                           "--packed-batch-sizes", "4", "--steps", "2", "--warmup", "1", "--epoch",
+                           "--eval-users", "16", "--eval-batch-size", "8", "--eval-settings", "16:64",
+                           "--bare-backbone", "--sasrec-losses", "bce"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    whats = [r["what"] for r in rows]
+    assert whats == ["E4SRec training step (examples)", "E4SRec training step (packed)",
+                     "E4SRec training epoch (packed, length-grouped)", "E4SRec scoring (rank_split, all items)",
+                     "E4SRec scoring (rank_split, all items)", "bare backbone forward (no LoRA, no cache, no scorer)",
+                     "SASRec epoch (shared trainer)"]
+    assert rows[2]["targets"] > 0 and rows[4]["ranks_identical_to_first"] is True
+    assert "| E4SRec training step (packed) |" in done.stdout

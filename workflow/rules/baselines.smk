@@ -1,7 +1,7 @@
 # Baselines: one job per (dataset, model, variant, seed), each writing a run folder.
 
-TRAIN_SHELL = (
-    "e4srec train --dataset-dir {params.dataset_dir} --model {wildcards.model} --variant {wildcards.variant} "
+TRAIN_SHELL = TRAIN_COMMAND + (  # `e4srec train`, or its launch over several GPUs (common.smk)
+    " --dataset-dir {params.dataset_dir} --model {wildcards.model} --variant {wildcards.variant} "
     "--seed {wildcards.seed} --params '{params.model_params}' --train-params '{params.train_params}' "
     "--ties {params.ties} --out {params.out} --threads {threads} --no-progress 2> {log}"
 )
@@ -27,7 +27,7 @@ rule train_baseline:
     benchmark:
         f"{OUT}/benchmarks/runs/{{dataset}}/{{model}}/{{variant}}/seed~{{seed}}.tsv"
     resources:
-        gpu=1 if config["device"] != "cpu" else 0,
+        gpu=TRAIN_GPUS,
     conda:
         "../envs/e4srec.yaml"
     shell:

@@ -8,6 +8,12 @@ KNOWN_DATASETS = ["Beauty", "Sports_and_Outdoors", "Toys_and_Games", "Yelp"]
 EMBEDDING_MODELS = ["SASRec", "BPR"]  # baselines whose item embeddings E4SRec can take
 OUT = config["out"]
 RES = config["resources"]
+# GPUs of a training job, one process each; more than one: data-parallel (DDP) through accelerate,
+# the global batch unchanged (README, "Several GPUs (DDP)"). One: `e4srec train` as a single process.
+TRAIN_GPUS = 0 if config["device"] == "cpu" else config["gpus_per_job"]
+TRAIN_COMMAND = "e4srec train" if TRAIN_GPUS <= 1 else (
+    f"accelerate launch --multi_gpu --num_processes {TRAIN_GPUS} --num_machines 1 --mixed_precision no "
+    "--dynamo_backend no --main_process_port 0 -m e4srec.cli train")
 
 for _name in config["datasets"]:
     if _name not in KNOWN_DATASETS and _name not in config["custom_datasets"]:
@@ -123,6 +129,15 @@ def e4srec_item_embeddings(wildcards):
     if wildcards.variant == "bpr-embeddings":
         chosen.update(model="BPR", variant="default")
     return f"{run_dir(wildcards.dataset, chosen['model'], chosen['variant'], chosen['seed'])}/item_embeddings.safetensors"
+
+
+def e4srec_model_params(wildcards):
+    """E4SRec's params for a variant: a bidirectional encoder cannot pack targets, so bert-encoder
+    trains on examples whatever ``training`` says (recorded in its run.json)."""
+    params = dict(config["e4srec"]["params"])
+    if wildcards.variant == "bert-encoder" and params.get("training") == "packed":
+        params["training"] = "examples"
+    return as_json(params)
 
 
 def e4srec_train_params(wildcards):

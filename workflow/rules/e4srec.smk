@@ -1,5 +1,12 @@
 # E4SRec, stages 2 to 4: backbone, instruction tuning, per-dataset training and pluggable components.
 
+E4SREC_TRAIN_SHELL = TRAIN_COMMAND + (  # `e4srec train`, or its launch over several GPUs (common.smk)
+    " --dataset-dir {params.dataset_dir} --model E4SRec --variant {wildcards.variant} "
+    "--seed {wildcards.seed} --params '{params.model_params}' --train-params '{params.train_params}' "
+    "{params.backbone} --item-embeddings {input.item_embeddings} --ties {params.ties} "
+    "--out {params.out} --threads {threads} --no-progress 2> {log}"
+)
+
 
 rule resolve_backbone:
     output:
@@ -64,7 +71,7 @@ rule train_e4srec:
         components=directory(f"{OUT}/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}/components"),
     params:
         dataset_dir=lambda wildcards: dataset_dir(wildcards.dataset),
-        model_params=as_json(config["e4srec"]["params"]),
+        model_params=e4srec_model_params,
         train_params=e4srec_train_params,
         out=lambda wildcards, output: Path(output.ranks).parent,
         ties=config["ties"],
@@ -75,14 +82,11 @@ rule train_e4srec:
     benchmark:
         f"{OUT}/benchmarks/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}.tsv"
     resources:
-        gpu=1 if config["device"] != "cpu" else 0,
+        gpu=TRAIN_GPUS,
     conda:
         "../envs/e4srec.yaml"
     shell:
-        "e4srec train --dataset-dir {params.dataset_dir} --model E4SRec --variant {wildcards.variant} "
-        "--seed {wildcards.seed} --params '{params.model_params}' --train-params '{params.train_params}' "
-        "{params.backbone} --item-embeddings {input.item_embeddings} --ties {params.ties} "
-        "--out {params.out} --threads {threads} --no-progress 2> {log}"
+        E4SREC_TRAIN_SHELL
 
 
 rule e4srec:

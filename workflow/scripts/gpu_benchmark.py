@@ -58,10 +58,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 256], help="E4SRec training batch sizes")
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
                         help="E4SRec training modes")
+    parser.add_argument("--trainings", nargs="+", choices=["examples", "packed"], default=["examples", "packed"],
+                        help="E4SRec training layouts: one prompt per example (the paper) or per user (packed)")
+    parser.add_argument("--packed-batch-sizes", type=int, nargs="+", default=[16, 64, 256],
+                        help="E4SRec packed training batch sizes (users)")
+    parser.add_argument("--epoch", action="store_true",
+                        help="packed: also time one whole epoch (length-grouped batches, no validation)")
     parser.add_argument("--steps", type=int, default=30, help="timed E4SRec training steps per setting")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (compiling included)")
     parser.add_argument("--eval-users", type=int, default=4096, help="users scored (0: all)")
     parser.add_argument("--eval-batch-size", type=int, default=256, help="scoring batch (the paper profile's)")
+    parser.add_argument("--eval-settings", nargs="*", default=["4096:262144", "16384:1048576"],
+                        help="more scoring settings to time, BATCH:CHUNK_TOKENS (users a batch : history positions "
+                             "a pass); their ranks are compared with the first setting's")
+    parser.add_argument("--bare-backbone", action="store_true",
+                        help="also time a forward pass of the bare backbone on the same inputs (Table 4)")
     parser.add_argument("--sasrec-losses", nargs="*", choices=["bce", "ce"], default=["bce", "ce"],
                         help="SASRec losses to time an epoch of (none: skip SASRec)")
     parser.add_argument("--sasrec-batch-size", type=int, default=256)
@@ -116,7 +127,7 @@ def log(message: str) -> None:
 def row(what: str, setting: str, batch: int | str, time_text: str, throughput: str, warmup: str,
         peak: float | None, **values) -> dict:
     return {"what": what, "setting": setting, "batch": batch, "time": time_text, "throughput": throughput,
-            "warm-up": warmup, "peak GPU GiB": "-" if peak is None else f"{peak:.2f}", **values}
+            "warm-up": warmup, "peak GPU GiB": "-" if peak is None else f"{peak:.2f}", "epoch": "-", **values}
 
 
 def per_second(value: float, unit: str) -> str:
@@ -124,7 +135,7 @@ def per_second(value: float, unit: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    columns = ["what", "setting", "batch", "time", "throughput", "warm-up", "peak GPU GiB"]
+    columns = ["what", "setting", "batch", "time", "throughput", "epoch", "warm-up", "peak GPU GiB"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
@@ -160,11 +171,36 @@ def build_e4srec(args, data, backbone_dir: Path, device):
     return model.to(device)
 
 
-def time_e4srec_training(model, data, args, device, mode: str, batch_size: int) -> dict:
+def set_training(model, training: str) -> None:
+    """Switch the model between one prompt per example and one per user (packed)."""
+    model.config.training = training
+    model.training_input = "sequences" if training == "packed" else "examples"
+
+
+def real_tokens(model, batch: dict) -> int:
+    """Non-padding tokens the backbone reads for a batch (instruction prefix counted once per row
+    unless shared)."""
+    prefix, response = model.prefix_ids.shape[0], model.response_ids.shape[0]
+    share = model.shares_prefix(batch["user"].device)
+    if "sequence" in batch:
+        pairs = int(((batch["sequence"][:, :-1] > 0) & (batch["sequence"][:, 1:] > 0)).sum())
+        return pairs * (1 + response) + (0 if share else prefix * len(batch["user"]))
+    items = int((batch["history"] > 0).sum())
+    return items + len(batch["user"]) * (response + (0 if share else prefix))
+
+
+def targets_of(batch: dict) -> int:
+    if "sequence" in batch:
+        return int(((batch["sequence"][:, :-1] > 0) & (batch["sequence"][:, 1:] > 0)).sum())
+    return len(batch["user"])
+
+
+def time_e4srec_training(model, data, args, device, training: str, mode: str, batch_size: int) -> dict:
     import torch
 
     from e4srec.trainer import training_batches
 
+    set_training(model, training)
     model.train()
     model.config.compile = "always" if mode == "compiled" else "never"
     model._compiled = None  # a fresh graph for this batch size
@@ -173,54 +209,125 @@ def time_e4srec_training(model, data, args, device, mode: str, batch_size: int) 
     needed = args.warmup + args.steps
     batches, epoch = [], 0
     while len(batches) < needed:  # full batches only (the compiled graph has one size), cycling epochs
-        _, epoch_batches = training_batches(model, data, batch_size, args.seed, epoch, device)
+        n_batches, epoch_batches = training_batches(model, data, batch_size, args.seed, epoch, device)
         full = [b for b in epoch_batches if len(b["user"]) == batch_size]
         if not full:
-            raise SystemExit(f"{data.name}: fewer than {batch_size} training examples")
+            raise SystemExit(f"{data.name}: fewer than {batch_size} training rows")
         batches += full
         epoch += 1
     batches = batches[:needed]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=0.1)
-    seconds = []
-    for batch in batches:
-        with Timer(device) as timer:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = loss.item()
-        if value != value:
-            raise FloatingPointError(f"E4SRec {mode} batch {batch_size}: loss is NaN")
-        seconds.append(timer.seconds)
+    seconds = [step(model, optimizer, batch, device, f"{training} {mode} batch {batch_size}") for batch in batches]
     timed = seconds[args.warmup:] or seconds
     median = statistics.median(timed)
-    return row("E4SRec training step", mode, batch_size, f"{median * 1e3:.1f} ms/step",
-               per_second(batch_size / median, "examples"), f"first step {seconds[0]:.1f} s", peak_gib(device),
-               median_seconds=median, min_seconds=min(timed), steps=len(timed), first_step_seconds=seconds[0],
-               warmup_steps=min(args.warmup, len(seconds) - len(timed)))
+    rows = batches[args.warmup:] or batches
+    targets = sum(targets_of(b) for b in rows) / len(rows)
+    tokens = sum(real_tokens(model, b) for b in rows) / len(rows)
+    epoch_estimate = median * n_batches
+    return row(f"E4SRec training step ({training})", mode, f"{batch_size} {'users' if training == 'packed' else 'examples'}",
+               f"{median * 1e3:.1f} ms/step", per_second(targets / median, "targets"),
+               f"first step {seconds[0]:.1f} s", peak_gib(device), median_seconds=median, min_seconds=min(timed),
+               steps=len(timed), first_step_seconds=seconds[0], warmup_steps=min(args.warmup, len(seconds) - len(timed)),
+               targets_per_step=targets, tokens_per_step=tokens, tokens_per_second=tokens / median,
+               batches_per_epoch=n_batches, epoch_seconds_estimate=epoch_estimate,
+               epoch=f"{epoch_estimate:.3g} s (median step x {n_batches} steps)")
 
 
-def time_e4srec_scoring(model, data, args, device) -> dict:
+def step(model, optimizer, batch: dict, device, what: str) -> float:
+    """One timed training step (forward under bf16 autocast on a GPU, backward, AdamW)."""
+    import torch
+
+    with Timer(device) as timer:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+    if value != value:
+        raise FloatingPointError(f"E4SRec {what}: loss is NaN")
+    return timer.seconds
+
+
+def time_e4srec_epoch(model, data, args, device, mode: str, batch_size: int) -> dict:
+    """One whole packed epoch (length-grouped batches, every batch, no validation), after a warm-up
+    epoch that compiles every width bucket (timed separately)."""
+    import torch
+
+    from e4srec.trainer import training_batches
+
+    set_training(model, "packed")
+    model.train()
+    model.config.compile = "always" if mode == "compiled" else "never"
+    model._compiled = None
+    torch._dynamo.reset()
+    free_memory(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=0.1)
+    results = []
+    for epoch in range(2):  # 0: warm-up (compiles), 1: timed
+        n_batches, batches = training_batches(model, data, batch_size, args.seed, epoch, device, group_by_length=True)
+        with Timer(device) as timer:
+            targets = 0
+            for batch in batches:
+                step(model, optimizer, batch, device, f"packed epoch {mode} batch {batch_size}")
+                targets += targets_of(batch)
+        results.append((timer.seconds, targets, n_batches))
+    (warm, _, _), (seconds, targets, n_batches) = results
+    return row("E4SRec training epoch (packed, length-grouped)", mode, f"{batch_size} users",
+               f"{seconds:.1f} s/epoch", per_second(targets / seconds, "targets"), f"epoch 0 {warm:.1f} s",
+               peak_gib(device), epoch_seconds=seconds, warmup_epoch_seconds=warm, targets=targets,
+               batches=n_batches, epoch=f"{seconds:.1f} s (measured)")
+
+
+def time_e4srec_scoring(model, data, args, device, batch_size: int, chunk_tokens: int,
+                        reference=None) -> tuple[dict, object]:
+    """Full-catalogue scoring and ranking of the validation item (``rank_split``) at one setting;
+    returns (row, full ranks). With ``reference`` ranks, records whether they are identical."""
     import numpy as np
     import torch
 
     from e4srec.evaluate import rank_split
 
     model.eval()
+    model.config.eval_chunk_tokens = chunk_tokens
     free_memory(device)
     users = np.arange(data.n_users if not args.eval_users else min(args.eval_users, data.n_users))
     with torch.no_grad(), Timer(device) as warm:  # the prefix cache and kernels warm up on one batch
-        rank_split(model.full_sort_predict, data, "valid", args.eval_batch_size, device,
-                   users=users[:args.eval_batch_size])
+        rank_split(model.full_sort_predict, data, "valid", batch_size, device, users=users[:batch_size])
     with torch.no_grad(), Timer(device) as timer:
-        ranks = rank_split(model.full_sort_predict, data, "valid", args.eval_batch_size, device, users=users)
+        ranks = rank_split(model.full_sort_predict, data, "valid", batch_size, device, users=users)
     assert len(ranks["full"]) == len(users)
     rate = len(users) / timer.seconds
-    return row("E4SRec scoring (rank_split, all items)", f"{len(users)} users", args.eval_batch_size,
-               f"{timer.seconds:.2f} s", per_second(rate, "users"), f"first batch {warm.seconds:.1f} s",
+    same = None if reference is None else bool(np.array_equal(np.asarray(ranks["full"]), np.asarray(reference)))
+    differ = None if reference is None else int((np.asarray(ranks["full"]) != np.asarray(reference)).sum())
+    return row("E4SRec scoring (rank_split, all items)", f"{len(users)} users, chunk {chunk_tokens} positions",
+               batch_size, f"{timer.seconds:.2f} s", per_second(rate, "users"), f"first batch {warm.seconds:.1f} s",
                peak_gib(device), seconds=timer.seconds, users=len(users), users_per_second=rate,
-               warmup_seconds=warm.seconds)
+               warmup_seconds=warm.seconds, chunk_tokens=chunk_tokens, ranks_identical_to_first=same,
+               ranks_differing=differ), ranks["full"]
+
+
+def time_bare_backbone(model, data, args, device) -> dict:
+    """A forward pass of the bare backbone (LoRA off, no prefix cache, no item scorer) on the same
+    prompts as scoring, at the first scoring batch size: what E4SRec's scoring adds to the LLM."""
+    import numpy as np
+    import torch
+
+    model.eval()
+    free_memory(device)
+    n_users = data.n_users if not args.eval_users else min(args.eval_users, data.n_users)
+    histories = torch.from_numpy(data.padded_histories("valid")[:n_users]).to(device)
+    with torch.no_grad(), model.backbone.disable_adapter():
+        model._last_hidden_plain(histories[:args.eval_batch_size])  # warm-up
+        with Timer(device) as timer:
+            for start in range(0, n_users, args.eval_batch_size):
+                from e4srec.model import trim_history
+
+                model._last_hidden_plain(trim_history(histories[start:start + args.eval_batch_size]))
+    rate = n_users / timer.seconds
+    return row("bare backbone forward (no LoRA, no cache, no scorer)", f"{n_users} users", args.eval_batch_size,
+               f"{timer.seconds:.2f} s", per_second(rate, "users"), "-", peak_gib(device), seconds=timer.seconds,
+               users=n_users, users_per_second=rate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,19 +381,35 @@ def main(argv: list[str] | None = None) -> int:
         backbone_dir = resolve_backbone_dir(args)
         model = build_e4srec(args, data, backbone_dir, device)
         backbone = model.backbone_record
-        for mode in args.modes:
-            for batch_size in args.batch_sizes:
-                log(f"E4SRec training step: {mode}, batch {batch_size}")
-                try:
-                    rows.append(time_e4srec_training(model, data, args, device, mode, batch_size))
-                except torch.cuda.OutOfMemoryError:
-                    rows.append(row("E4SRec training step", mode, batch_size, "out of memory", "-", "-",
-                                    peak_gib(device)))
-                log(str(rows[-1]["time"]))
+        for training in args.trainings:
+            sizes = args.packed_batch_sizes if training == "packed" else args.batch_sizes
+            for mode in args.modes:
+                for batch_size in sizes:
+                    log(f"E4SRec training step: {training}, {mode}, batch {batch_size}")
+                    try:
+                        rows.append(time_e4srec_training(model, data, args, device, training, mode, batch_size))
+                    except torch.cuda.OutOfMemoryError:
+                        rows.append(row(f"E4SRec training step ({training})", mode, batch_size, "out of memory",
+                                        "-", "-", peak_gib(device)))
+                    log(f"{rows[-1]['time']}, {rows[-1]['throughput']}")
+        if args.epoch:
+            for mode in args.modes:
+                for batch_size in args.packed_batch_sizes:
+                    log(f"E4SRec packed epoch: {mode}, batch {batch_size}")
+                    rows.append(time_e4srec_epoch(model, data, args, device, mode, batch_size))
+                    log(str(rows[-1]["time"]))
         model._compiled = None
         torch._dynamo.reset()
-        log("E4SRec scoring")
-        rows.append(time_e4srec_scoring(model, data, args, device))
+        reference = None
+        for setting in [f"{args.eval_batch_size}:{model.config.eval_chunk_tokens}", *args.eval_settings]:
+            batch_size, chunk_tokens = (int(x) for x in setting.split(":"))
+            log(f"E4SRec scoring: batch {batch_size}, chunk {chunk_tokens}")
+            scoring, ranks = time_e4srec_scoring(model, data, args, device, batch_size, chunk_tokens, reference)
+            reference = ranks if reference is None else reference
+            rows.append(scoring)
+            log(f"{scoring['throughput']}, ranks identical: {scoring['ranks_identical_to_first']}")
+        if args.bare_backbone:
+            rows.append(time_bare_backbone(model, data, args, device))
         del model
     for loss in args.sasrec_losses:
         log(f"SASRec epoch: {loss}")
