@@ -17,24 +17,27 @@ backbone's hidden size, N items)::
 Only ``input_proj``, ``item_scorer`` and the LoRA weights train; with the frozen table they are the
 "pluggable components" of a dataset (see :mod:`e4srec.deploy`).
 
-Speed (measured on an H200 with the 135M backbone, batch 16, bf16; the step is bound by kernel
-launches, not arithmetic):
+Speed (measured on an H200 with the 135M backbone, bf16, Beauty; tests/benchmarks/RESULTS.md; a
+step is bound by kernel launches and Python, not arithmetic):
 
-- Training is compiled on a GPU (``compile="auto"``): histories stay padded to ``max_len`` and an
-  epoch's smaller last batch is padded to the first batch's size (padding rows leave the loss), so
-  one CUDA graph serves the run: 15 ms a step against 281 ms eager (22 ms, 725 examples/s, inside
-  the shared trainer's loop), after 1 to 2 minutes of compiling.
-  Eager training (the CPU, ``compile="never"``) pads each batch only to its own longest history.
+- Training is compiled on a GPU (``compile="auto"``, CUDA graphs; 1.5 to 2 minutes of compiling):
+  one prompt per example (``training="examples"``, the paper) at batch 16 takes 19.5 ms a step, a
+  156 s epoch (eager: 198 ms, 1,583 s). Histories stay padded to ``max_len`` and an epoch's smaller
+  last batch is padded to the first batch's size (padding rows leave the loss), so one graph serves.
+  ``training="packed"`` reads each user's history once for all its targets: 29.6 s an epoch at 16
+  users a batch and 14.5 s at 64, with length-grouped batches padded to widths 16, 32, ... max_len
+  (a graph each). Eager training (the CPU, ``compile="never"``) pads each batch only to its own
+  longest history.
 - Scoring runs the instruction prefix once, with batch size 1, and gives its keys and values to
   every user as a KV cache, cached until a LoRA weight changes (``share_prefix="auto"``);
   users are sorted by history length and scored in chunks of at most ``eval_chunk_tokens``
-  positions, each padded to its own longest history (4,900 users/s).
+  positions, each padded to its own longest history (2,700 users/s with ranking at batch 256).
 - Sharing the prefix in training halves the arithmetic but launches a second pass of kernels:
   on the 2-core CPU it pays (3.1 vs 5.7 s a step) and ``"auto"`` does it there; on the GPU it
   does not (388 vs 200 ms an eager step), except perhaps for a large, compute-bound backbone
   (``share_prefix="always"``).
 - Input checks live in :meth:`E4SRec.recommend`, never in the training step; the eager step has
-  one host sync (the batch's longest history), the compiled one none.
+  one host sync (the batch's longest history), the compiled one none (packed: one, for the width).
 
 Deliberate deviations from the paper and the official code (each a visible choice):
 

@@ -16,7 +16,15 @@ PACKAGES = ("e4srec", "torch", "transformers", "peft", "accelerate", "numpy", "p
 
 @functools.lru_cache(maxsize=1)
 def git_state() -> dict:
-    """Commit and dirty flag of the checkout holding this package (``unknown`` outside git)."""
+    """Commit and dirty flag of the checkout holding this package (``unknown`` outside git).
+
+    ``E4SREC_GIT_COMMIT`` (with ``E4SREC_GIT_DIRTY=1`` if the tree had changes) wins when set: a
+    launcher that copies the working tree to another machine states the commit it copied, because
+    the copy's ``.git`` may be missing or stale (a rented GPU machine once reported the previous
+    commit there, with the new tree as "dirty")."""
+    stated = os.environ.get("E4SREC_GIT_COMMIT")
+    if stated:
+        return {"commit": stated, "dirty": os.environ.get("E4SREC_GIT_DIRTY") == "1", "source": "environment"}
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
@@ -25,10 +33,6 @@ def git_state() -> dict:
                                 capture_output=True, text=True, check=True).stdout
         return {"commit": commit, "dirty": bool(status.strip())}
     except (OSError, subprocess.CalledProcessError):
-        # A copy of the tree without .git (a rented GPU machine): the launcher states the commit.
-        commit = os.environ.get("E4SREC_GIT_COMMIT")
-        if commit:
-            return {"commit": commit, "dirty": os.environ.get("E4SREC_GIT_DIRTY") == "1", "source": "environment"}
         return {"commit": "unknown", "dirty": None}
 
 

@@ -350,3 +350,20 @@ def test_oom_retry_is_recorded_in_run_json(results, tmp_path, monkeypatch):
     assert training["oom_retries"] == [{"epoch": 0, "step": 0, "micro_batches": 2, "micro_batch_size": 4,
                                         "cuda_said": "CUDA out of memory. Tried to allocate 2.00 GiB"}]
     assert len(training["epochs"]) == SASREC_TRAIN["epochs"] and (out / "ranks.parquet").is_file()
+
+
+def test_stated_commit_wins_over_the_checkout(monkeypatch):
+    """A launcher that copied the tree states its commit: a stale .git in the copy must not win."""
+    from e4srec import provenance
+
+    provenance.git_state.cache_clear()
+    monkeypatch.setenv("E4SREC_GIT_COMMIT", "a" * 40)
+    monkeypatch.setenv("E4SREC_GIT_DIRTY", "0")
+    try:
+        assert provenance.git_state() == {"commit": "a" * 40, "dirty": False, "source": "environment"}
+        provenance.git_state.cache_clear()
+        monkeypatch.delenv("E4SREC_GIT_COMMIT")
+        state = provenance.git_state()
+        assert state.get("source") != "environment" and state["commit"] != "a" * 40  # this checkout's
+    finally:
+        provenance.git_state.cache_clear()
