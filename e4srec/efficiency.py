@@ -11,11 +11,12 @@ Table 4, efficiency (long form: dataset, seed, quantity, value, paper_value):
 - ``backbone``: ``backbone.parent.source`` (the backbone before instruction tuning; ``embedded`` is
   SmolLM2-135M-Instruct, see :mod:`e4srec.backbone`), its architecture, ``backbone.parameters`` and
   ``backbone.dtype``; paper: LLaMA2-13B in 8 bits.
-- ``training examples per epoch``, ``epochs run``: ``training.epochs[*].examples`` and the number of
-  epochs recorded.
+- ``training rows per epoch``, ``epochs run``: ``training.epochs[*].examples`` (the batch rows: examples,
+  or users under ``training: packed``) and the number of epochs recorded; ``training layout``:
+  ``params.training`` (``examples`` when a record predates the setting).
 - ``first epoch (s, includes compilation)``: ``training.epochs[0].seconds``, wall clock of the first
   epoch, which also pays for ``torch.compile`` and CUDA warm-up.
-- ``later epochs, median (s)`` and ``training examples per second, later epochs (median)``: the median
+- ``later epochs, median (s)`` and ``training rows per second, later epochs (median)``: the median
   over the epochs after the first (the first when only one ran) of ``seconds`` and of
   ``examples / seconds``.
 - ``training total (s, with per-epoch validation)``: ``training.train_seconds``.
@@ -207,11 +208,12 @@ def efficiency_rows(run: RunRecord, reference: RunRecord | None, paper: dict[str
     return [
         ("machine", machine_name(run), paper["gpu"]),
         ("backbone", backbone_name(run), paper["backbone"]),
-        ("training examples per epoch", run.get("training.epochs.0.examples"), None),
+        ("training layout", training_layout(run), "examples"),
+        ("training rows per epoch", run.get("training.epochs.0.examples"), None),
         ("epochs run", len(run.get("training.epochs")), None),
         ("first epoch (s, includes compilation)", run.get("training.epochs.0.seconds"), None),
         ("later epochs, median (s)", median_epoch_seconds(run), None),
-        ("training examples per second, later epochs (median)",
+        ("training rows per second, later epochs (median)",
          statistics.median(epoch["examples"] / epoch["seconds"] for epoch in later), None),
         ("training total (s, with per-epoch validation)", run.get("training.train_seconds"), None),
         (f"{REFERENCE[0]} later epochs, median (s)", median_epoch_seconds(reference) if reference else None, None),
@@ -258,13 +260,22 @@ def table4(runs_root: str | Path, paper_tsv: str | Path = PAPER_TABLE4) -> pd.Da
 # Table 5 ----------------------------------------------------------------------------------------------
 
 
+def training_layout(run: RunRecord) -> str:
+    """``examples`` (one prompt per example, the paper's) or ``packed`` (one per user), from ``params``."""
+    return run.get("params.training") if run.has("params.training") else "examples"
+
+
 def configuration(run: RunRecord) -> dict[str, object]:
-    """E4SRec's settings as one run recorded them, named as in ``paper/paper_table5.tsv``."""
+    """E4SRec's settings as one run recorded them, named as in ``paper/paper_table5.tsv``; a packed
+    run's batch size counts users ("16 users"), which never equals the paper's 16 examples."""
     tuned = run.has("backbone.instruction_tuning")
     load_in = run.get("components.config.load_in")
+    layout = training_layout(run)
+    batch = run.get("training.config.batch_size")
     return {
+        "training layout": layout,
         "epochs": run.get("training.config.epochs"),
-        "batch size": run.get("training.config.batch_size"),
+        "batch size": batch if layout == "examples" else f"{batch} users",
         "learning rate": run.get("training.config.learning_rate"),
         "warmup steps": run.get("training.config.warmup_steps"),
         "weight decay": run.get("training.config.weight_decay"),

@@ -67,7 +67,8 @@ def test_table4_quantities(tmp_path):
     assert ours["machine"] == "NVIDIA H200" and paper["machine"] == "A800"
     assert ours["first epoch (s, includes compilation)"] == 30.0
     assert ours["later epochs, median (s)"] == 12.0  # the first epoch is left out of the median
-    assert ours["training examples per second, later epochs (median)"] == 10.0
+    assert ours["training rows per second, later epochs (median)"] == 10.0
+    assert ours["training layout"] == "examples"
     assert ours["SASRec later epochs, median (s)"] == 1.5
     assert ours["SASRec machine"] == "CPU (2 cores)"
     assert ours["evaluation users per second"] == 5.0
@@ -100,6 +101,19 @@ def test_table5_flags_each_setting_against_the_paper(tmp_path):
     assert frame.loc["backbone", "same_as_paper"] == "no"
     assert frame.loc["instruction tuning", "value"] == "yes"
     assert frame.loc["seeds", ["value", "same_as_paper"]].tolist() == ["0", "n/a"]
+    assert frame.loc["training layout", ["value", "same_as_paper"]].tolist() == ["examples", "yes"]
+
+
+def test_table5_counts_a_packed_batch_in_users(tmp_path):
+    """A packed run's batch of 16 users is not the paper's 16 examples: both rows say so."""
+    record = e4srec_record()
+    record.setdefault("params", {})["training"] = "packed"
+    write_run(tmp_path, record)
+    frame = efficiency.table5(tmp_path, PAPER5).set_index("setting")
+    assert frame.loc["training layout", ["value", "paper_value", "same_as_paper"]].tolist() == ["packed", "examples", "no"]
+    assert frame.loc["batch size", ["value", "same_as_paper"]].tolist() == ["16 users", "no"]
+    ours, _ = values(efficiency.table4(tmp_path, PAPER4))
+    assert ours["training layout"] == "packed"
 
 
 def test_table5_needs_the_seeds_of_a_dataset_to_agree(tmp_path):
@@ -142,6 +156,10 @@ def test_cli_writes_tables_with_provenance(tmp_path):
     assert "| batch size" in (out / "table5.md").read_text()
 
 
-def test_committed_runs_show_batch_64_for_beauty():
+def test_committed_runs_show_how_each_dataset_trained():
+    """The committed E4SRec runs: Beauty packed at 16 users (3 seeds), Yelp the older 64-example run."""
     frame = efficiency.table5(COMMITTED_RUNS, PAPER5).set_index(["dataset", "setting"])
-    assert frame.loc[("Beauty", "batch size"), ["value", "paper_value", "same_as_paper"]].tolist() == ["64", "16", "no"]
+    assert frame.loc[("Beauty", "batch size"), ["value", "paper_value", "same_as_paper"]].tolist() == ["16 users", "16", "no"]
+    assert frame.loc[("Beauty", "training layout"), "value"] == "packed"
+    assert frame.loc[("Beauty", "seeds"), "value"] == "0, 1, 2"
+    assert frame.loc[("Yelp", "batch size"), "value"] == "64" and frame.loc[("Yelp", "training layout"), "value"] == "examples"
