@@ -84,13 +84,8 @@ def test_fast_path_equals_plain_path(tiny):
         torch.testing.assert_close(grad, grads[1][1][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_compiled_loss_equals_eager(tiny):
-    model = build(tiny, lora_dropout=0.0, compile="never")
-    model.train()
-    padded = torch.nn.functional.pad(HISTORIES, (44, 0))  # [4, 50], as the trainer sends them
-    batches = [{"history": padded, "target": torch.tensor([1, 2, 3, 4])},
-               {"history": padded[:3], "target": torch.tensor([5, 6, 7])}]  # an epoch's smaller last batch
-
+def assert_compiled_equals_eager(model, batches) -> None:
+    """Loss and gradients of each batch: eager first, then compiled (``compile="always"``)."""
     def step(batch):
         model.zero_grad()
         loss = model.calculate_loss(batch)
@@ -100,11 +95,20 @@ def test_compiled_loss_equals_eager(tiny):
     eager = [step(batch) for batch in batches]
     model.config.compile = "always"
     compiled = [step(batch) for batch in batches]
-    assert model._compiled[1] == 4  # one graph: the smaller batch was padded to it
     for (loss_e, grads_e), (loss_c, grads_c) in zip(eager, compiled):
         torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
         for grad_e, grad_c in zip(grads_e, grads_c):
             torch.testing.assert_close(grad_c, grad_e, atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_loss_equals_eager(tiny):
+    model = build(tiny, lora_dropout=0.0, compile="never")
+    model.train()
+    padded = torch.nn.functional.pad(HISTORIES, (44, 0))  # [4, 50], as the trainer sends them
+    batches = [{"history": padded, "target": torch.tensor([1, 2, 3, 4])},
+               {"history": padded[:3], "target": torch.tensor([5, 6, 7])}]  # an epoch's smaller last batch
+    assert_compiled_equals_eager(model, batches)
+    assert model._compiled[1] == 4  # one graph: the smaller batch was padded to it
 
 
 WINDOWS = torch.tensor([[0, 0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7], [0, 0, 0, 0, 0, 7, 8], [0, 9, 8, 7, 6, 5, 4]])
@@ -156,26 +160,13 @@ def test_packed_loss_and_gradients_equal_examples(tiny):
 
 
 def test_packed_compiled_loss_equals_eager(tiny):
-    """The compiled packed loss (widths padded to 8, 16, ...; a smaller last batch padded) = eager."""
+    """The compiled packed loss (widths padded to 16, 32, ...; a smaller last batch padded) = eager."""
     model = build(tiny, lora_dropout=0.0, training="packed", compile="never")
     model.train()
     windows = torch.nn.functional.pad(WINDOWS, (44, 0))  # [4, 51], as the trainer sends them
     batches = [{"sequence": windows}, {"sequence": windows[2:]}]  # widths 6 and 5 -> one bucket of 16
-
-    def step(batch):
-        model.zero_grad()
-        loss = model.calculate_loss(batch)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    eager = [step(batch) for batch in batches]
-    model.config.compile = "always"
-    compiled = [step(batch) for batch in batches]
+    assert_compiled_equals_eager(model, batches)
     assert model._compiled[1] == 4
-    for (loss_e, grads_e), (loss_c, grads_c) in zip(eager, compiled):
-        torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
-        for grad_e, grad_c in zip(grads_e, grads_c):
-            torch.testing.assert_close(grad_c, grad_e, atol=1e-5, rtol=1e-4)
 
 
 def test_packed_width_buckets():
