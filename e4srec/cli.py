@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from . import provenance
+
+    provenance.git_state()  # the commit and dirty flag as the command starts, before it writes any tracked file
     try:
         return args.func(args) or 0
     except (InputError, FileNotFoundError, FloatingPointError) as err:

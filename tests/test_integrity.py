@@ -367,3 +367,14 @@ def test_stated_commit_wins_over_the_checkout(monkeypatch):
         assert state.get("source") != "environment" and state["commit"] != "a" * 40  # this checkout's
     finally:
         provenance.git_state.cache_clear()
+
+
+def test_provenance_is_taken_before_the_command_writes(tmp_path, monkeypatch):
+    """A rebuild that rewrites tracked tables must record the tree as it was when it started."""
+    from e4srec import audit, cli, provenance
+
+    calls = []
+    monkeypatch.setattr(provenance, "git_state", lambda: calls.append("git") or {"commit": "c", "dirty": False})
+    monkeypatch.setattr(audit, "report", lambda results: calls.append("command") or [])
+    assert cli.main(["audit", str(tmp_path)]) == 0
+    assert calls == ["git", "command"]
