@@ -96,7 +96,7 @@ class NoLLMConfig(E4SRecConfig):
 class E4SRecNoLLM(Recommender):
     """E4SRec without the LLM: frozen SASRec table -> masked mean -> input projection -> item scorer."""
 
-    training_input: ClassVar[str] = "examples"
+    training_input = E4SRec.training_input  # examples, or sequences when packed (cumulative means)
     config_class: ClassVar[type] = NoLLMConfig
 
     def __init__(self, n_items: int, n_users: int, max_len: int, config: NoLLMConfig | None = None,
@@ -104,8 +104,6 @@ class E4SRecNoLLM(Recommender):
                  item_embeddings: str | os.PathLike | torch.Tensor | None = None):
         super().__init__(n_items, n_users, max_len)
         self.config = config = config or NoLLMConfig()
-        if config.training == "packed":  # every prefix's mean in one pass (cumulative sums)
-            self.training_input = "sequences"
         table, self.item_embeddings_source = item_table(item_embeddings, n_items, config.item_embedding_dim,
                                                         "E4SRec (no-llm)")
         self.item_embeddings = nn.Embedding.from_pretrained(table, freeze=True, padding_idx=0)  # [N + 1, 64]

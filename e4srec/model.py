@@ -292,14 +292,13 @@ class E4SRecConfig:
 
 
 class E4SRec(Recommender):
-    """E4SRec on the suite's interface (``training_input = "examples"``).
+    """E4SRec on the suite's interface (``training_input`` "examples", or "sequences" when packed).
 
     Built from a resolved backbone folder (``backbone_dir``) and an item table (``item_embeddings``:
     a safetensors path or a tensor [n_items + 1, 64]). :mod:`e4srec.deploy` instead passes an already
     loaded PEFT ``backbone`` holding the adapter ``adapter_name`` (several datasets, one backbone).
     """
 
-    training_input: ClassVar[str] = "examples"
     config_class: ClassVar[type] = E4SRecConfig
     read_position: ClassVar[int] = -1  # the position whose hidden state is scored (the plain path)
     packs_targets: ClassVar[bool] = True  # training="packed" needs a causal decoder
@@ -344,8 +343,11 @@ class E4SRec(Recommender):
                                  if "lora_" in name and f".{adapter_name}." in name]
         self._prefix_cache: tuple[tuple, list] | None = None
         self._compiled = None  # (compiled training loss, its batch size), built at the first compiled step
-        if config.training == "packed":
-            self.training_input = "sequences"  # the trainer sends [B, max_len + 1] windows
+
+    @property
+    def training_input(self) -> str:
+        """``examples``, or ``sequences`` (windows [B, max_len + 1]) under ``training="packed"``."""
+        return "sequences" if self.config.training == "packed" else "examples"
 
     def _register_prompt(self, tokenizer) -> None:
         """Buffers ``prefix_ids`` [P] and ``response_ids`` [R]: the prompt around the history (no BOS)."""

@@ -171,12 +171,6 @@ def build_e4srec(args, data, backbone_dir: Path, device):
     return model.to(device)
 
 
-def set_training(model, training: str) -> None:
-    """Switch the model between one prompt per example and one per user (packed)."""
-    model.config.training = training
-    model.training_input = "sequences" if training == "packed" else "examples"
-
-
 def real_tokens(model, batch: dict) -> int:
     """Non-padding tokens the backbone reads for a batch (instruction prefix counted once per row
     unless shared)."""
@@ -200,7 +194,7 @@ def time_e4srec_training(model, data, args, device, training: str, mode: str, ba
 
     from e4srec.trainer import training_batches
 
-    set_training(model, training)
+    model.config.training = training  # one prompt per example, or per user (packed)
     model.train()
     model.config.compile = "always" if mode == "compiled" else "never"
     model._compiled = None  # a fresh graph for this batch size
@@ -256,7 +250,7 @@ def time_e4srec_epoch(model, data, args, device, mode: str, batch_size: int) -> 
 
     from e4srec.trainer import training_batches
 
-    set_training(model, "packed")
+    model.config.training = "packed"
     model.train()
     model.config.compile = "always" if mode == "compiled" else "never"
     model._compiled = None
@@ -310,8 +304,9 @@ def time_e4srec_scoring(model, data, args, device, batch_size: int, chunk_tokens
 def time_bare_backbone(model, data, args, device) -> dict:
     """A forward pass of the bare backbone (LoRA off, no prefix cache, no item scorer) on the same
     prompts as scoring, at the first scoring batch size: what E4SRec's scoring adds to the LLM."""
-    import numpy as np
     import torch
+
+    from e4srec.model import trim_history
 
     model.eval()
     free_memory(device)
@@ -321,8 +316,6 @@ def time_bare_backbone(model, data, args, device) -> dict:
         model._last_hidden_plain(histories[:args.eval_batch_size])  # warm-up
         with Timer(device) as timer:
             for start in range(0, n_users, args.eval_batch_size):
-                from e4srec.model import trim_history
-
                 model._last_hidden_plain(trim_history(histories[start:start + args.eval_batch_size]))
     rate = n_users / timer.seconds
     return row("bare backbone forward (no LoRA, no cache, no scorer)", f"{n_users} users", args.eval_batch_size,
