@@ -168,10 +168,10 @@ GAP_REASONS = {
 }
 
 
-def gap_reason(row: pd.Series, masked_verdict: str | None) -> str:
+def gap_reason(row: pd.Series) -> str:
     """The first reason of :data:`GAP_REASONS` (in order) that a baseline cell outside the tolerance meets."""
     higher = row["verdict"] == "higher than paper"
-    if masked_verdict == "reproduced":
+    if row["masked_verdict"] == "reproduced":
         return "history masking"
     if paper_name(row["dataset"]) == "Yelp" and higher:
         return "Yelp repeats"
@@ -184,20 +184,21 @@ def gap_reason(row: pd.Series, masked_verdict: str | None) -> str:
     return "unexplained"
 
 
+def gap_cells(table3: pd.DataFrame) -> pd.DataFrame:
+    """Table 3's baseline cells that have a paper value: HR@10 and NDCG@10, default variants."""
+    return table3[(table3.k.astype(float) == 10) & (table3.variant == "default") & table3.model.isin(GAP_BASELINES)
+                  & table3.paper_value.notna()]
+
+
 def baseline_gaps(table3: pd.DataFrame) -> pd.DataFrame:
     """Every baseline cell of Table 3 (HR@10, NDCG@10, full ranking, default variant) that is not
     reproduced, with its ``full_masked`` value and verdict and the reason the runs support."""
-    cells = table3[(table3.k.astype(float) == 10) & (table3.variant == "default") & table3.model.isin(GAP_BASELINES)
-                   & table3.paper_value.notna()]
+    cells = gap_cells(table3)
     key = ["dataset", "model", "metric"]
-    masked = cells[cells.protocol == "full_masked"].set_index(key)
-    gaps = cells[(cells.protocol == "full") & (cells.verdict != "reproduced")].copy()
-    found = [tuple(r[k] for k in key) in masked.index for _, r in gaps.iterrows()]
-    gaps["masked_value"] = [masked.loc[tuple(r[k] for k in key), "value"] if f else np.nan
-                            for f, (_, r) in zip(found, gaps.iterrows())]
-    gaps["masked_verdict"] = [masked.loc[tuple(r[k] for k in key), "verdict"] if f else None
-                              for f, (_, r) in zip(found, gaps.iterrows())]
-    gaps["reason"] = [gap_reason(r, r["masked_verdict"]) for _, r in gaps.iterrows()]
+    masked = cells[cells.protocol == "full_masked"][key + ["value", "verdict"]].rename(
+        columns={"value": "masked_value", "verdict": "masked_verdict"})
+    gaps = cells[(cells.protocol == "full") & (cells.verdict != "reproduced")].merge(masked, on=key, how="left")
+    gaps["reason"] = [gap_reason(row) for _, row in gaps.iterrows()]
     columns = ["dataset", "model", "metric", "seeds", "value", "paper_value", "relative_difference", "verdict",
                "masked_value", "masked_verdict", "reason"]
     return gaps[columns].sort_values(["reason", "model", "dataset", "metric"]).reset_index(drop=True)
@@ -206,8 +207,7 @@ def baseline_gaps(table3: pd.DataFrame) -> pd.DataFrame:
 def write_baseline_gaps(table3: pd.DataFrame, out_stem: Path) -> pd.DataFrame:
     """``baseline_gaps.csv`` / ``.md`` / ``.provenance.json`` from Table 3's long form."""
     gaps = baseline_gaps(table3)
-    n_cells = int(((table3.k.astype(float) == 10) & (table3.variant == "default") & table3.model.isin(GAP_BASELINES)
-                   & table3.paper_value.notna() & (table3.protocol == "full")).sum())
+    n_cells = int((gap_cells(table3).protocol == "full").sum())
     counts = gaps.reason.value_counts()
     write_text(out_stem.with_suffix(".csv"), gaps.to_csv(index=False, float_format="%.4f"))
     lines = ["# Baseline cells of Table 3 (HR@10, NDCG@10, full ranking) outside the tolerance", "",
