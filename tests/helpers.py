@@ -5,6 +5,7 @@ is a package, ``from tests.helpers import ...``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -47,6 +48,25 @@ def make_data(sequences: dict[int, list[int]], max_len: int = 5, n_items: int | 
                         sequences=[np.asarray(sequences[u], dtype=np.int64) for u in users],
                         negatives=np.asarray([negatives[u] for u in users], dtype=np.int64).reshape(len(users), -1),
                         record={"name": name, "n_items": n_items, "max_len": max_len})
+
+
+def small_sequence_data() -> SequenceData:
+    """40 seeded users of 4 to 10 of 30 items, max_len 5, no negatives: the trainer-level tests' data."""
+    return make_data(random_sequences(40, 30, seed=0, min_len=4, max_len=10), max_len=5, n_items=30,
+                     n_negatives=0, name="small")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` inside the block, restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def prepare_tiny(folder: str | Path, sequences: dict[int, list[int]], max_len: int = 5, n_negatives: int = 3,

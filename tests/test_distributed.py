@@ -28,9 +28,9 @@ from e4srec.files import load_tensors
 from e4srec.trainer import shard_batch
 
 try:
-    from helpers import prepare_tiny, random_sequences
+    from helpers import prepare_tiny, random_sequences, torch_threads
 except ImportError:  # tests/ imported as a package
-    from tests.helpers import prepare_tiny, random_sequences
+    from tests.helpers import prepare_tiny, random_sequences, torch_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 SASREC_PARAMS = {"loss": "ce", "dropout": 0.0, "attention_dropout": 0.0, "hidden_size": 16, "inner_size": 16}
@@ -102,10 +102,8 @@ def read_run(folder: Path) -> dict:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The one-process references run with one thread, as each of the two processes does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

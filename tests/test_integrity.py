@@ -23,7 +23,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -31,16 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from e4srec import audit, deploy, runs, trainer
-from e4srec.data import SequenceData
 from e4srec.files import InputError, sha256_file, write_json, write_parquet
 from e4srec.recommender import Recommender
 from e4srec.trainer import TrainConfig
 
 try:
-    from helpers import files_in, main_rc, prepare_tiny, random_sequences
+    from helpers import files_in, main_rc, prepare_tiny, random_sequences, small_sequence_data
     from tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
 except ImportError:  # tests/ imported as a package
-    from tests.helpers import files_in, main_rc, prepare_tiny, random_sequences
+    from tests.helpers import files_in, main_rc, prepare_tiny, random_sequences, small_sequence_data
     from tests.tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -280,11 +278,7 @@ class LinearMean(Recommender):
 
 @pytest.fixture(scope="module")
 def small_data():
-    sequences = random_sequences(40, 30, seed=0, min_len=4, max_len=10)
-    users = sorted(sequences)
-    return SequenceData(name="small", n_items=30, max_len=5, user_ids=np.asarray(users),
-                        sequences=[np.asarray(sequences[u]) for u in users],
-                        negatives=np.zeros((len(users), 0), dtype=np.int64), record={})
+    return small_sequence_data()
 
 
 def linear_mean(data, **kwargs) -> LinearMean:

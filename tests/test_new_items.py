@@ -19,7 +19,7 @@ from e4srec.model import E4SRec, E4SRecConfig
 from e4srec.new_items import (ExtensionConfig, WithheldData, WithheldE4SRec, WithheldSASRec, _scores_from_hidden,
                               choose_new_items, extend_item_scorer, extend_item_table, last_hidden_states)
 from e4srec.trainer import TrainConfig
-from helpers import prepare_tiny
+from helpers import prepare_tiny, torch_threads
 from tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
 
 N_ITEMS, N_USERS, MAX_LEN, FRACTION = 40, 40, 8, 0.1
@@ -27,10 +27,8 @@ N_ITEMS, N_USERS, MAX_LEN, FRACTION = 40, 40, 8, 0.1
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -48,10 +48,10 @@ from e4srec.recommender import Recommender
 from e4srec.trainer import TrainConfig
 
 try:
-    from helpers import files_in, main_rc, prepare_tiny, random_sequences
+    from helpers import files_in, main_rc, prepare_tiny, random_sequences, small_sequence_data
     from tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
 except ImportError:  # tests/ imported as a package
-    from tests.helpers import files_in, main_rc, prepare_tiny, random_sequences
+    from tests.helpers import files_in, main_rc, prepare_tiny, random_sequences, small_sequence_data
     from tests.tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,11 +243,7 @@ class MeanModel(Recommender):
 
 @pytest.fixture(scope="module")
 def small_data():
-    sequences = random_sequences(40, 30, seed=0, min_len=4, max_len=10)
-    users = sorted(sequences)
-    return SequenceData(name="small", n_items=30, max_len=5, user_ids=np.asarray(users),
-                        sequences=[np.asarray(sequences[u]) for u in users],
-                        negatives=np.zeros((len(users), 0), dtype=np.int64), record={})
+    return small_sequence_data()
 
 
 def mean_model(data, seed: int = 0) -> MeanModel:
