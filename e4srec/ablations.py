@@ -181,10 +181,11 @@ class E4SRecNoLLM(Recommender):
 
 @dataclasses.dataclass
 class EncoderConfig(E4SRecConfig):
-    """E4SRec's settings with BERT's feed-forward layers as LoRA targets and no compiling by default."""
+    """E4SRec's settings with BERT's feed-forward layers as LoRA targets, no compiling and padded scoring."""
 
     target_modules: list[str] = dataclasses.field(default_factory=lambda: list(BERT_FFN_MODULES))
     compile: str = "never"
+    scoring: str = "padded"  # bidirectional: packed rows need a causal decoder
 
 
 class E4SRecEncoder(E4SRec):

@@ -71,7 +71,7 @@ from .data import SequenceData
 from .evaluate import rank_all, rank_split
 from .files import InputError, load_tensors, read_json, save_tensors, sha256_file, write_json, write_parquet, write_text
 from .metrics import hit_rate, ndcg
-from .model import E4SRec, chunk_bounds
+from .model import E4SRec
 from .trainer import TrainConfig, check_device, make_accelerator, train
 
 log = logging.getLogger(__name__)
@@ -243,22 +243,11 @@ def extend_item_table(withheld: SASRec, data: SequenceData, new_items: Sequence[
 @torch.no_grad()
 def last_hidden_states(model: E4SRec, histories: np.ndarray, batch_size: int) -> torch.Tensor:
     """[n, H] float32 last hidden states of left-padded ``histories`` [n, max_len], computed as
-    :meth:`E4SRec.full_sort_predict` does (blocks of ``batch_size`` users, sorted and chunked)."""
+    :meth:`E4SRec.full_sort_predict` does (blocks of ``batch_size`` users)."""
     model.eval()
     device = model.item_scorer.weight.device
-    padding = model.config.eval_chunk_padding
-    out = []
-    for start in range(0, len(histories), batch_size):
-        history = torch.from_numpy(np.ascontiguousarray(histories[start:start + batch_size])).to(device)
-        lengths = (history > 0).sum(dim=1)
-        order = torch.argsort(lengths, stable=True)
-        widths = lengths[order].cpu().tolist()
-        hidden = torch.empty(history.shape[0], model.hidden_size, device=device)
-        limit = padding if padding is not None else (model.config.eval_chunk_tokens if device.type == "cuda" else 16)
-        for begin, stop in chunk_bounds(widths, model.config.eval_chunk_tokens, limit):
-            rows = order[begin:stop]
-            hidden[rows] = model.last_hidden(history[rows, history.shape[1] - widths[stop - 1]:]).float()
-        out.append(hidden)
+    out = [model.user_hidden(torch.from_numpy(np.ascontiguousarray(histories[start:start + batch_size])).to(device))
+           for start in range(0, len(histories), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, model.hidden_size, device=device)
 
 

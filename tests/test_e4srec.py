@@ -6,13 +6,15 @@ import json
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from e4srec import backbone, commands, deploy, instruct, runs
 from e4srec.files import InputError, load_tensors, save_tensors
-from e4srec.model import E4SRec, E4SRecConfig, chunk_bounds, packed_width, trim_history
+from e4srec.ablations import E4SRecEncoder, EncoderConfig
+from e4srec.model import E4SRec, E4SRecConfig, chunk_bounds, pack_rows, packed_width, trim_history
 from tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
 
 N_ITEMS = 30
@@ -56,6 +58,7 @@ def test_only_pluggable_components_train(tiny):
 def test_fast_path_equals_plain_path(tiny):
     model = build(tiny, lora_dropout=0.0)
     model.eval()
+    model.config.scoring = "padded"
     with torch.no_grad():
         fast = model.full_sort_predict({"history": HISTORIES})
         model.config.share_prefix = "never"
@@ -82,6 +85,39 @@ def test_fast_path_equals_plain_path(tiny):
     torch.testing.assert_close(grads[0][0], grads[1][0])
     for name, grad in grads[0][1].items():
         torch.testing.assert_close(grad, grads[1][1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("row_tokens,chunk_tokens,attention", [(256, 32768, "sdpa"), (1, 32768, "sdpa"),
+                                                               (12, 24, "sdpa"), (9, 9, "sdpa"), (12, 24, "eager")])
+def test_packed_scoring_equals_padded(tiny, row_tokens, chunk_tokens, attention):
+    """Users packed back to back in rows (one or several passes) get the scores of their own prompt."""
+    model = build(tiny, lora_dropout=0.0)
+    model.backbone.get_base_model().config._attn_implementation = attention
+    model.eval()
+    histories = torch.cat([HISTORIES, torch.tensor([[0, 0, 0, 0, 0, 0]]), HISTORIES.flip(0)])  # one empty history
+    with torch.no_grad():
+        plain = torch.cat([model._last_hidden_plain(h[h > 0][None]) for h in histories])  # one prompt a user
+        model.config.eval_row_tokens, model.config.eval_chunk_tokens = row_tokens, chunk_tokens
+        packed = model.user_hidden(histories)
+        scores = model.full_sort_predict({"history": histories})
+        model.config.scoring = "padded"
+        padded = model.full_sort_predict({"history": histories})
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores[:, 1:], padded[:, 1:], atol=1e-5, rtol=1e-5)
+    assert torch.isinf(scores[:, 0]).all()
+    assert torch.equal(scores[:, 1:].argsort(dim=1), padded[:, 1:].argsort(dim=1))  # the same ranking
+
+
+def test_pack_rows():
+    rows, starts, width = pack_rows(np.array([3, 3, 4, 9]), 8)
+    assert width == 9 and rows.tolist() == [0, 0, 1, 2] and starts.tolist() == [0, 3, 0, 0]
+    rows, starts, width = pack_rows(np.array([2, 2, 2]), 100)
+    assert width == 100 and rows.tolist() == [0, 0, 0] and starts.tolist() == [0, 2, 4]
+
+
+def test_encoder_cannot_pack():
+    with pytest.raises(InputError, match="scoring='packed' needs a causal decoder"):
+        E4SRecEncoder(N_ITEMS, 5, 50, EncoderConfig(scoring="packed"), item_embeddings=torch.zeros(N_ITEMS + 1, 64))
 
 
 def assert_compiled_equals_eager(model, batches) -> None:

@@ -175,7 +175,7 @@ def test_extend_item_scorer_learns_to_score_new_items(tiny, tmp_path):
     data, new_items = walk_data(tmp_path), tiny["new"]
     model = build_e4srec(tiny)
     model.eval()
-    model.last_hidden = lambda history, share_prefix=None: model.item_embeddings(history[:, -1])[:, :model.hidden_size]
+    model.user_hidden = lambda history: model.item_embeddings(history[:, -1])[:, :model.hidden_size]
     _, histories, targets = data.training_examples()
     new_target = np.isin(targets, new_items)
 

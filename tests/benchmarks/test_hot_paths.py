@@ -312,8 +312,8 @@ def test_gpu_benchmark_script_help_and_no_gpu(tmp_path):
 
 
 def test_gpu_benchmark_script_runs_every_part_on_the_cpu(tmp_path):
-    """--cpu-smoke-test: every row of the GPU benchmark (both training layouts, the packed epoch, two
-    scoring settings with identical ranks, the bare backbone, SASRec) on tiny data; timings mean nothing."""
+    """--cpu-smoke-test: every row of the GPU benchmark (both training layouts, the packed epoch, the
+    padded and packed scoring with identical ranks, the bare backbone, SASRec) on tiny data; timings mean nothing."""
     import json
 
     from tiny_llm import write_tiny_dataset
@@ -331,8 +331,9 @@ def test_gpu_benchmark_script_runs_every_part_on_the_cpu(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     whats = [r["what"] for r in rows]
     assert whats == ["E4SRec training step (examples)", "E4SRec training step (packed)",
-                     "E4SRec training epoch (packed, length-grouped)", "E4SRec scoring (rank_split, all items)",
-                     "E4SRec scoring (rank_split, all items)", "bare backbone forward (no LoRA, no cache, no scorer)",
-                     "SASRec epoch (shared trainer)"]
-    assert rows[2]["targets"] > 0 and rows[4]["ranks_identical_to_first"] is True
+                     "E4SRec training epoch (packed, length-grouped)",
+                     "bare backbone forward (no LoRA, no cache, no scorer)",
+                     "E4SRec scoring (rank_split, all items; padded, float32)",
+                     "E4SRec scoring (rank_split, all items; packed, float32)", "SASRec epoch (shared trainer)"]
+    assert rows[2]["targets"] > 0 and rows[5]["ranks_identical_to_first"] is True  # packed = padded, user by user
     assert "| E4SRec training step (packed) |" in done.stdout

@@ -132,11 +132,12 @@ def e4srec_item_embeddings(wildcards):
 
 
 def e4srec_model_params(wildcards):
-    """E4SRec's params for a variant: a bidirectional encoder cannot pack targets, so bert-encoder
-    trains on examples whatever ``training`` says (recorded in its run.json)."""
+    """E4SRec's params for a variant: a bidirectional encoder cannot pack, so bert-encoder trains on
+    examples and scores padded whatever ``training`` and ``scoring`` say (recorded in its run.json)."""
     params = dict(config["e4srec"]["params"])
-    if wildcards.variant == "bert-encoder" and params.get("training") == "packed":
-        params["training"] = "examples"
+    if wildcards.variant == "bert-encoder":
+        params.update({key: value for key, value in (("training", "examples"), ("scoring", "padded"))
+                       if params.get(key) == "packed"})
     return as_json(params)
 
 

@@ -11,7 +11,11 @@ What is measured, on one prepared dataset (a folder written by ``e4srec prepare`
    ``--warmup`` untimed ones, examples/s, the first step's seconds (for ``compiled``: the compile
    time) and the peak GPU memory.
 2. **E4SRec full-catalogue scoring**: ``rank_split`` on the validation item (scores of every item,
-   then the three rank protocols) for ``--eval-users`` users at ``--eval-batch-size``: users/s.
+   then the three rank protocols) for ``--eval-users`` users: users/s. The reference is the padded
+   path (``scoring="padded"``, one row per user) at ``--eval-batch-size``; each of ``--eval-settings``
+   (batch, positions a pass, layout) is compared with it, user by user. ``--eval-float32`` repeats
+   them with the backbone in float32 and TF32 off, where rank identity is a fair test (in bf16 the
+   kernels a shape picks already move ranks).
 3. **SASRec epoch time** through the shared trainer (``train()``, batch 256, bf16), for each loss of
    ``--sasrec-losses``: the seconds of the training part of epoch 0 (warm-up included) and epoch 1.
 
@@ -69,8 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-users", type=int, default=4096, help="users scored (0: all)")
     parser.add_argument("--eval-batch-size", type=int, default=256, help="scoring batch (the paper profile's)")
     parser.add_argument("--eval-settings", nargs="*", default=["4096:262144", "16384:1048576"],
-                        help="more scoring settings to time, BATCH:CHUNK_TOKENS (users a batch : history positions "
-                             "a pass); their ranks are compared with the first setting's")
+                        help="more scoring settings to time, BATCH:CHUNK_TOKENS[:LAYOUT] (users a batch : positions "
+                             "a pass : packed (default) or padded); their ranks are compared with the reference's "
+                             "(padded, --eval-batch-size)")
+    parser.add_argument("--eval-float32", action="store_true",
+                        help="repeat the reference and the scoring settings in float32 (TF32 off)")
     parser.add_argument("--bare-backbone", action="store_true",
                         help="also time a forward pass of the bare backbone on the same inputs (Table 4)")
     parser.add_argument("--sasrec-losses", nargs="*", choices=["bce", "ce"], default=["bce", "ce"],
@@ -273,17 +280,18 @@ def time_e4srec_epoch(model, data, args, device, mode: str, batch_size: int) -> 
                batches=n_batches, epoch=f"{seconds:.1f} s (measured)")
 
 
-def time_e4srec_scoring(model, data, args, device, batch_size: int, chunk_tokens: int,
+def time_e4srec_scoring(model, data, args, device, batch_size: int, chunk_tokens: int, layout: str,
                         reference=None) -> tuple[dict, object]:
     """Full-catalogue scoring and ranking of the validation item (``rank_split``) at one setting;
-    returns (row, full ranks). With ``reference`` ranks, records whether they are identical."""
+    returns (row, full ranks). With ``reference`` ranks, records how many users' ranks differ."""
     import numpy as np
     import torch
 
     from e4srec.evaluate import rank_split
 
     model.eval()
-    model.config.eval_chunk_tokens = chunk_tokens
+    model.config.eval_chunk_tokens, model.config.scoring = chunk_tokens, layout
+    dtype = str(model.backbone.get_input_embeddings().weight.dtype).replace("torch.", "")
     free_memory(device)
     users = np.arange(data.n_users if not args.eval_users else min(args.eval_users, data.n_users))
     with torch.no_grad(), Timer(device) as warm:  # the prefix cache and kernels warm up on one batch
@@ -294,11 +302,36 @@ def time_e4srec_scoring(model, data, args, device, batch_size: int, chunk_tokens
     rate = len(users) / timer.seconds
     same = None if reference is None else bool(np.array_equal(np.asarray(ranks["full"]), np.asarray(reference)))
     differ = None if reference is None else int((np.asarray(ranks["full"]) != np.asarray(reference)).sum())
-    return row("E4SRec scoring (rank_split, all items)", f"{len(users)} users, chunk {chunk_tokens} positions",
-               batch_size, f"{timer.seconds:.2f} s", per_second(rate, "users"), f"first batch {warm.seconds:.1f} s",
-               peak_gib(device), seconds=timer.seconds, users=len(users), users_per_second=rate,
-               warmup_seconds=warm.seconds, chunk_tokens=chunk_tokens, ranks_identical_to_first=same,
-               ranks_differing=differ), ranks["full"]
+    return row(f"E4SRec scoring (rank_split, all items; {layout}, {dtype})",
+               f"{len(users)} users, {chunk_tokens} positions a pass", batch_size, f"{timer.seconds:.2f} s",
+               per_second(rate, "users"), f"first batch {warm.seconds:.1f} s", peak_gib(device), seconds=timer.seconds,
+               users=len(users), users_per_second=rate, warmup_seconds=warm.seconds, chunk_tokens=chunk_tokens,
+               layout=layout, dtype=dtype, ranks_identical_to_first=same, ranks_differing=differ), ranks["full"]
+
+
+def time_scoring_settings(model, data, args, device) -> list[dict]:
+    """The reference (padded, ``--eval-batch-size``) and then each ``--eval-settings`` entry, compared
+    with it; again in float32 with ``--eval-float32``."""
+    import torch
+
+    settings = [(args.eval_batch_size, model.config.eval_chunk_tokens, "padded")]
+    for setting in args.eval_settings:
+        batch_size, chunk_tokens, *layout = setting.split(":")
+        settings.append((int(batch_size), int(chunk_tokens), layout[0] if layout else "packed"))
+    rows = []
+    for precision in ["model"] + (["float32"] if args.eval_float32 else []):
+        if precision == "float32":
+            model.float()  # the same (bf16-representable) weights, computed in float32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        reference = None
+        for batch_size, chunk_tokens, layout in settings:
+            log(f"E4SRec scoring: {precision}, {layout}, batch {batch_size}, {chunk_tokens} positions a pass")
+            scoring, ranks = time_e4srec_scoring(model, data, args, device, batch_size, chunk_tokens, layout,
+                                                 reference)
+            reference = ranks if reference is None else reference
+            rows.append(scoring)
+            log(f"{scoring['throughput']}, ranks differing from the reference: {scoring['ranks_differing']}")
+    return rows
 
 
 def time_bare_backbone(model, data, args, device) -> dict:
@@ -393,16 +426,9 @@ def main(argv: list[str] | None = None) -> int:
                     log(str(rows[-1]["time"]))
         model._compiled = None
         torch._dynamo.reset()
-        reference = None
-        for setting in [f"{args.eval_batch_size}:{model.config.eval_chunk_tokens}", *args.eval_settings]:
-            batch_size, chunk_tokens = (int(x) for x in setting.split(":"))
-            log(f"E4SRec scoring: batch {batch_size}, chunk {chunk_tokens}")
-            scoring, ranks = time_e4srec_scoring(model, data, args, device, batch_size, chunk_tokens, reference)
-            reference = ranks if reference is None else reference
-            rows.append(scoring)
-            log(f"{scoring['throughput']}, ranks identical: {scoring['ranks_identical_to_first']}")
-        if args.bare_backbone:
+        if args.bare_backbone:  # before the scoring settings, which may turn the model to float32
             rows.append(time_bare_backbone(model, data, args, device))
+        rows.extend(time_scoring_settings(model, data, args, device))
         del model
     for loss in args.sasrec_losses:
         log(f"SASRec epoch: {loss}")
