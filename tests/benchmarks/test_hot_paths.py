@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from baselines.sasrec import SASRec, SASRecConfig
-from e4srec.data import SequenceData, draw_negatives, left_pad
+from e4srec.data import SequenceData, draw_negatives
 from e4srec.evaluate import ranks_from_scores
 from e4srec.metrics import HR_KS, NDCG_KS, all_metrics
 from e4srec.model import E4SRec, E4SRecConfig
