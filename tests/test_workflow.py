@@ -2,6 +2,7 @@
 end to end offline (every target, tiny data) into a temporary folder."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -103,3 +104,27 @@ def test_gpus_per_job_launches_data_parallel_training(tmp_path, gpus):
     for rule, resources, command in jobs:
         assert command.startswith(launch if gpus > 1 else "e4srec train --dataset-dir "), (rule, command)
         assert f"gpu={gpus}" in resources.split(", "), (rule, resources)
+
+
+def test_variant_train_settings_and_ablation_seeds(tmp_path):
+    """A variant's "train" entry reaches its runs' training settings, not its model parameters; and
+    every ablation runs with each of ablation_seeds (dry run)."""
+    config = tmp_path / "extra.yaml"
+    config.write_text("baselines:\n  variants:\n    SASRec: {long: {train: {epochs: 7, learning_rate: 0.005}, loss: ce}}\n"
+                      "e4srec:\n  ablation_seeds: [0, 1]\n  ablations: [no-llm]\n")
+    result = snakemake("-n", "-p", "--configfile", ".test/config.yaml", str(config), "--config",
+                       f"out={tmp_path}/results", f"resources={tmp_path}/resources")
+    assert result.returncode == 0, result.stderr[-2000:]
+    commands = [command for _, _, command in planned_training_jobs(result.stdout)]
+    long = [c for c in commands if "--model SASRec --variant long" in c]
+    default = [c for c in commands if "--model SASRec --variant default" in c]
+    assert len(long) == 2 and len(default) == 2  # TinyA, TinyB
+    for command in long:
+        params = json.loads(re.search(r"--params '(.*?)'", command).group(1))
+        train = json.loads(re.search(r"--train-params '(.*?)'", command).group(1))
+        assert params == {"loss": "ce"} and train["learning_rate"] == 0.005
+        assert train["epochs"] == 3  # the profile's train settings still cap the variant's
+    assert all(json.loads(re.search(r"--train-params '(.*?)'", c).group(1))["learning_rate"] == 0.001
+               for c in default)
+    ablations = {re.search(r"--seed (\d+)", c).group(1) for c in commands if "--variant no-llm" in c}
+    assert ablations == {"0", "1"}

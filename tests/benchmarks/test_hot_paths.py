@@ -324,8 +324,8 @@ def test_gpu_benchmark_script_runs_every_part_on_the_cpu(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke-test", "--dataset-dir", str(dataset),
                            "--backbone", str(backbone), "--out", str(out), "--modes", "eager", "--batch-sizes", "4",
                            "--packed-batch-sizes", "4", "--steps", "2", "--warmup", "1", "--epoch",
-                           "--eval-users", "16", "--eval-batch-size", "8", "--eval-settings", "16:64",
-                           "--bare-backbone", "--sasrec-losses", "bce"],
+                           "--eval-users", "16", "--eval-batch-size", "8", "--eval-settings", "16:64:packed:12",
+                           "--eval-float32", "--bare-backbone", "--sasrec-losses", "bce"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
@@ -334,6 +334,10 @@ def test_gpu_benchmark_script_runs_every_part_on_the_cpu(tmp_path):
                      "E4SRec training epoch (packed, length-grouped)",
                      "bare backbone forward (no LoRA, no cache, no scorer)",
                      "E4SRec scoring (rank_split, all items; padded, float32)",
+                     "E4SRec scoring (rank_split, all items; packed, float32)",
+                     "E4SRec scoring (rank_split, all items; padded, float32)",  # --eval-float32 (a no-op here)
                      "E4SRec scoring (rank_split, all items; packed, float32)", "SASRec epoch (shared trainer)"]
-    assert rows[2]["targets"] > 0 and rows[5]["ranks_identical_to_first"] is True  # packed = padded, user by user
+    assert rows[2]["targets"] > 0
+    assert rows[5]["ranks_identical_to_first"] is rows[7]["ranks_identical_to_first"] is True  # packed = padded
+    assert rows[5]["row_tokens"] == 12 and rows[4]["row_tokens"] is None
     assert "| E4SRec training step (packed) |" in done.stdout

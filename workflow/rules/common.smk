@@ -52,10 +52,16 @@ def baseline_runs():
     return runs
 
 
+def variant_settings(wildcards) -> dict:
+    """A baseline variant's config entry: model parameters, and training settings under "train"."""
+    if wildcards.variant == "default":
+        return {}
+    return config["baselines"]["variants"][wildcards.model][wildcards.variant]
+
+
 def baseline_params(wildcards):
     params = dict(config["baselines"]["params"].get(wildcards.model, {}))
-    if wildcards.variant != "default":
-        params.update(config["baselines"]["variants"][wildcards.model][wildcards.variant])
+    params.update({key: value for key, value in variant_settings(wildcards).items() if key != "train"})
     return as_json(params)
 
 
@@ -64,7 +70,9 @@ def baseline_train_params(wildcards):
     from e4srec.runs import model_class
 
     model_module = importlib.import_module(model_class(wildcards.model).__module__)
+    # the model's defaults, its variant's, then the profile's (a small profile caps every run)
     settings = {"device": config["device"], **getattr(model_module, "TRAIN_DEFAULTS", {}),
+                **variant_settings(wildcards).get("train", {}),
                 **config["baselines"]["train"], **config["baselines"]["train_overrides"].get(wildcards.model, {})}
     return as_json(settings)
 
@@ -76,12 +84,13 @@ def fetch_source(wildcards):
 
 
 def e4srec_runs():
-    """E4SRec runs: every seed of the full model, and seed 0 of each ablation (Figure 3)."""
+    """E4SRec runs: every seed of the full model, and each ablation (Figure 3) with ablation_seeds."""
     if not config["e4srec"]["enabled"]:
         return []
     runs = [run_dir(d, "E4SRec", "default", s) for d in config["datasets"] for s in config["e4srec"]["seeds"]]
-    seed = config["e4srec"]["seeds"][0]
-    return runs + [run_dir(d, "E4SRec", a, seed) for d in config["datasets"] for a in config["e4srec"]["ablations"]]
+    seeds = config["e4srec"]["ablation_seeds"] or config["e4srec"]["seeds"][:1]
+    return runs + [run_dir(d, "E4SRec", a, s) for d in config["datasets"] for a in config["e4srec"]["ablations"]
+                   for s in seeds]
 
 
 def all_runs():

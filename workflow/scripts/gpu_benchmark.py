@@ -62,8 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 256], help="E4SRec training batch sizes")
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
                         help="E4SRec training modes")
-    parser.add_argument("--trainings", nargs="+", choices=["examples", "packed"], default=["examples", "packed"],
-                        help="E4SRec training layouts: one prompt per example (the paper) or per user (packed)")
+    parser.add_argument("--trainings", nargs="*", choices=["examples", "packed"], default=["examples", "packed"],
+                        help="E4SRec training layouts: one prompt per example (the paper) or per user (packed); "
+                             "none: time scoring only")
     parser.add_argument("--packed-batch-sizes", type=int, nargs="+", default=[16, 64, 256],
                         help="E4SRec packed training batch sizes (users)")
     parser.add_argument("--epoch", action="store_true",
@@ -73,9 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-users", type=int, default=4096, help="users scored (0: all)")
     parser.add_argument("--eval-batch-size", type=int, default=256, help="scoring batch (the paper profile's)")
     parser.add_argument("--eval-settings", nargs="*", default=["4096:262144", "16384:1048576"],
-                        help="more scoring settings to time, BATCH:CHUNK_TOKENS[:LAYOUT] (users a batch : positions "
-                             "a pass : packed (default) or padded); their ranks are compared with the reference's "
-                             "(padded, --eval-batch-size)")
+                        help="more scoring settings to time, BATCH:CHUNK_TOKENS[:LAYOUT[:ROW_TOKENS]] (users a batch : "
+                             "positions a pass : packed (default) or padded : packed row width, default 256); their "
+                             "ranks are compared with the reference's (padded, --eval-batch-size)")
     parser.add_argument("--eval-float32", action="store_true",
                         help="repeat the reference and the scoring settings in float32 (TF32 off)")
     parser.add_argument("--bare-backbone", action="store_true",
@@ -281,7 +282,7 @@ def time_e4srec_epoch(model, data, args, device, mode: str, batch_size: int) -> 
 
 
 def time_e4srec_scoring(model, data, args, device, batch_size: int, chunk_tokens: int, layout: str,
-                        reference=None) -> tuple[dict, object]:
+                        row_tokens: int, reference=None) -> tuple[dict, object]:
     """Full-catalogue scoring and ranking of the validation item (``rank_split``) at one setting;
     returns (row, full ranks). With ``reference`` ranks, records how many users' ranks differ."""
     import numpy as np
@@ -290,7 +291,7 @@ def time_e4srec_scoring(model, data, args, device, batch_size: int, chunk_tokens
     from e4srec.evaluate import rank_split
 
     model.eval()
-    model.config.eval_chunk_tokens, model.config.scoring = chunk_tokens, layout
+    model.config.eval_chunk_tokens, model.config.scoring, model.config.eval_row_tokens = chunk_tokens, layout, row_tokens
     dtype = str(model.backbone.get_input_embeddings().weight.dtype).replace("torch.", "")
     free_memory(device)
     users = np.arange(data.n_users if not args.eval_users else min(args.eval_users, data.n_users))
@@ -303,10 +304,11 @@ def time_e4srec_scoring(model, data, args, device, batch_size: int, chunk_tokens
     same = None if reference is None else bool(np.array_equal(np.asarray(ranks["full"]), np.asarray(reference)))
     differ = None if reference is None else int((np.asarray(ranks["full"]) != np.asarray(reference)).sum())
     return row(f"E4SRec scoring (rank_split, all items; {layout}, {dtype})",
-               f"{len(users)} users, {chunk_tokens} positions a pass", batch_size, f"{timer.seconds:.2f} s",
+               f"{len(users)} users, {chunk_tokens} positions a pass"
+               + (f", rows of {row_tokens}" if layout == "packed" else ""), batch_size, f"{timer.seconds:.2f} s",
                per_second(rate, "users"), f"first batch {warm.seconds:.1f} s", peak_gib(device), seconds=timer.seconds,
                users=len(users), users_per_second=rate, warmup_seconds=warm.seconds, chunk_tokens=chunk_tokens,
-               layout=layout, dtype=dtype, ranks_identical_to_first=same, ranks_differing=differ), ranks["full"]
+               layout=layout, row_tokens=row_tokens if layout == "packed" else None, dtype=dtype, ranks_identical_to_first=same, ranks_differing=differ), ranks["full"]
 
 
 def time_scoring_settings(model, data, args, device) -> list[dict]:
@@ -314,20 +316,22 @@ def time_scoring_settings(model, data, args, device) -> list[dict]:
     with it; again in float32 with ``--eval-float32``."""
     import torch
 
-    settings = [(args.eval_batch_size, model.config.eval_chunk_tokens, "padded")]
+    row_tokens = model.config.eval_row_tokens
+    settings = [(args.eval_batch_size, model.config.eval_chunk_tokens, "padded", row_tokens)]
     for setting in args.eval_settings:
-        batch_size, chunk_tokens, *layout = setting.split(":")
-        settings.append((int(batch_size), int(chunk_tokens), layout[0] if layout else "packed"))
+        batch_size, chunk_tokens, *rest = setting.split(":")
+        layout = rest[0] if rest else "packed"
+        settings.append((int(batch_size), int(chunk_tokens), layout, int(rest[1]) if len(rest) > 1 else row_tokens))
     rows = []
     for precision in ["model"] + (["float32"] if args.eval_float32 else []):
         if precision == "float32":
             model.float()  # the same (bf16-representable) weights, computed in float32
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         reference = None
-        for batch_size, chunk_tokens, layout in settings:
+        for batch_size, chunk_tokens, layout, width in settings:
             log(f"E4SRec scoring: {precision}, {layout}, batch {batch_size}, {chunk_tokens} positions a pass")
             scoring, ranks = time_e4srec_scoring(model, data, args, device, batch_size, chunk_tokens, layout,
-                                                 reference)
+                                                 width, reference)
             reference = ranks if reference is None else reference
             rows.append(scoring)
             log(f"{scoring['throughput']}, ranks differing from the reference: {scoring['ranks_differing']}")
