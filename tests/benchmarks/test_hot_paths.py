@@ -340,4 +340,5 @@ def test_gpu_benchmark_script_runs_every_part_on_the_cpu(tmp_path):
     assert rows[2]["targets"] > 0
     assert rows[5]["ranks_identical_to_first"] is rows[7]["ranks_identical_to_first"] is True  # packed = padded
     assert rows[5]["row_tokens"] == 12 and rows[4]["row_tokens"] is None
+    assert rows[5]["valid_ndcg10"] == rows[4]["valid_ndcg10"] and 0 <= rows[4]["valid_hr10"] <= 1
     assert "| E4SRec training step (packed) |" in done.stdout

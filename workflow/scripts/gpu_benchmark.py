@@ -301,6 +301,9 @@ def time_e4srec_scoring(model, data, args, device, batch_size: int, chunk_tokens
         ranks = rank_split(model.full_sort_predict, data, "valid", batch_size, device, users=users)
     assert len(ranks["full"]) == len(users)
     rate = len(users) / timer.seconds
+    full = np.asarray(ranks["full"])
+    hit = full <= 10
+    quality = {"valid_hr10": float(hit.mean()), "valid_ndcg10": float((hit / np.log2(full + 1)).mean())}
     same = None if reference is None else bool(np.array_equal(np.asarray(ranks["full"]), np.asarray(reference)))
     differ = None if reference is None else int((np.asarray(ranks["full"]) != np.asarray(reference)).sum())
     return row(f"E4SRec scoring (rank_split, all items; {layout}, {dtype})",
@@ -308,7 +311,7 @@ def time_e4srec_scoring(model, data, args, device, batch_size: int, chunk_tokens
                + (f", rows of {row_tokens}" if layout == "packed" else ""), batch_size, f"{timer.seconds:.2f} s",
                per_second(rate, "users"), f"first batch {warm.seconds:.1f} s", peak_gib(device), seconds=timer.seconds,
                users=len(users), users_per_second=rate, warmup_seconds=warm.seconds, chunk_tokens=chunk_tokens,
-               layout=layout, row_tokens=row_tokens if layout == "packed" else None, dtype=dtype, ranks_identical_to_first=same, ranks_differing=differ), ranks["full"]
+               layout=layout, row_tokens=row_tokens if layout == "packed" else None, dtype=dtype, **quality, ranks_identical_to_first=same, ranks_differing=differ), ranks["full"]
 
 
 def time_scoring_settings(model, data, args, device) -> list[dict]:
@@ -334,7 +337,8 @@ def time_scoring_settings(model, data, args, device) -> list[dict]:
                                                  width, reference)
             reference = ranks if reference is None else reference
             rows.append(scoring)
-            log(f"{scoring['throughput']}, ranks differing from the reference: {scoring['ranks_differing']}")
+            log(f"{scoring['throughput']}, ranks differing from the reference: {scoring['ranks_differing']}, "
+                f"valid HR@10 {scoring['valid_hr10']:.4f}, NDCG@10 {scoring['valid_ndcg10']:.5f}")
     return rows
 
 
