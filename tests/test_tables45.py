@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -158,12 +159,12 @@ def test_cli_writes_tables_with_provenance(tmp_path):
 
 
 def test_committed_runs_show_how_each_dataset_trained():
-    """The committed E4SRec runs: Beauty packed at 16 users (3 seeds), Yelp the older 64-example run."""
+    """The committed E4SRec runs: Beauty and Yelp packed at 16 users (3 seeds)."""
     frame = efficiency.table5(COMMITTED_RUNS, PAPER5).set_index(["dataset", "setting"])
     assert frame.loc[("Beauty", "batch size"), ["value", "paper_value", "same_as_paper"]].tolist() == ["16 users", "16", "no"]
     assert frame.loc[("Beauty", "training layout"), "value"] == "packed"
     assert frame.loc[("Beauty", "seeds"), "value"] == "0, 1, 2"
-    assert frame.loc[("Yelp", "batch size"), "value"] == "64" and frame.loc[("Yelp", "training layout"), "value"] == "examples"
+    assert frame.loc[("Yelp", "batch size"), "value"] == "16 users" and frame.loc[("Yelp", "training layout"), "value"] == "packed"
 
 
 def test_baseline_gaps_give_each_missed_cell_its_first_reason():
@@ -182,7 +183,35 @@ def test_baseline_gaps_give_each_missed_cell_its_first_reason():
             cell("Beauty", "S3-Rec", "full", "lower than paper"), cell("Beauty", "S3-Rec", "full_masked", "lower than paper"),
             cell("Beauty", "Caser", "full", "lower than paper"), cell("Beauty", "Caser", "full_masked", "lower than paper"),
             cell("Beauty", "SASRec", "full", "reproduced"), cell("Beauty", "SASRec", "full_masked", "reproduced"),
-            cell("Beauty", "E4SRec", "full", "lower than paper"), cell("Beauty", "E4SRec", "full_masked", "lower than paper")]
-    gaps = tables.baseline_gaps(pd.DataFrame(rows)).set_index("model")["reason"].to_dict()
-    assert gaps == {"ICLRec": "history masking", "BPR": "Yelp repeats", "CL4SRec": "loss", "S3-Rec": "pretraining",
-                    "Caser": "unexplained"}  # SASRec is reproduced; E4SRec is not a baseline
+            cell("Beauty", "E4SRec", "full", "lower than paper"), cell("Beauty", "E4SRec", "full_masked", "lower than paper"),
+            cell("Toys_and_Games", "SASRec", "full", "lower than paper"),
+            cell("Toys_and_Games", "SASRec", "full_masked", "lower than paper"),
+            {**cell("Toys_and_Games", "SASRec", "full_masked", None), "variant": "long", "value": 0.041,
+             "paper_value": float("nan")}]  # the long variant reaches the default's paper value under masking
+    gaps = tables.baseline_gaps(pd.DataFrame(rows))
+    assert gaps.set_index(["dataset", "model"])["reason"].to_dict() == {
+        ("Beauty", "ICLRec"): "history masking", ("Yelp", "BPR"): "Yelp repeats", ("Toys_and_Games", "CL4SRec"): "loss",
+        ("Beauty", "S3-Rec"): "pretraining", ("Beauty", "Caser"): "unexplained",
+        ("Toys_and_Games", "SASRec"): "early stopping"}  # Beauty SASRec is reproduced; E4SRec is not a baseline
+    long = gaps.set_index(["dataset", "model"]).loc[("Toys_and_Games", "SASRec")]
+    assert long.long_masked_value == 0.041 and pd.isna(long.long_value)
+
+
+def test_paper_row_consistency_and_its_gap_reason():
+    """One ranking bounds NDCG@10 - NDCG@5 by (HR@10 - HR@5)/log2(11) and /log2(7) (and likewise at 5 and 20);
+    a paper row outside the bounds marks its missed cells "paper row inconsistent"."""
+    from e4srec import tables
+
+    ranks = np.array([1, 3, 6, 8, 12, 15, 30, 40, 60, 100])  # one real ranking
+    real = {(metric, k): float(np.mean(np.where(ranks <= k, 1.0 if metric == "HR" else 1 / np.log2(ranks + 1), 0)))
+            for metric in ("HR", "NDCG") for k in (5, 10, 20)}
+    assert tables.paper_row_consistent({key: round(value, 4) for key, value in real.items()})
+    assert not tables.paper_row_consistent({**real, ("NDCG", 10): real["NDCG", 10] + 0.01})  # too much from ranks 6-10
+    assert not tables.paper_row_consistent({**real, ("HR", 5): 0.9})  # NDCG@5 below HR@5 / log2(6)
+    assert tables.paper_row_consistent({("HR", 10): 0.1})  # incomplete rows are not judged
+    rows = [{"dataset": "Beauty", "model": "BPR", "variant": "default", "protocol": protocol, "metric": metric, "k": k,
+             "value": 0.05, "seeds": 3, "paper_value": real[metric, k] + (0.01 if (metric, k) == ("NDCG", 10) else 0),
+             "relative_difference": 0.5, "verdict": "lower than paper"}
+            for protocol in ("full", "full_masked") for metric in ("HR", "NDCG") for k in (5, 10, 20)]
+    gaps = tables.baseline_gaps(pd.DataFrame(rows))
+    assert gaps.reason.tolist() == ["paper row inconsistent"] * 2 and not gaps.paper_consistent.any()
