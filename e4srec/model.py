@@ -295,6 +295,9 @@ class E4SRecConfig:
     # cache) and its own user's earlier tokens (a 4D mask), so each user gets its own prompt's hidden
     # state (tested). "padded": one row per user, padded to the chunk's longest history.
     scoring: str = "packed"
+    # torch.compile packed scoring's backbone pass (shapes dynamic: one graph for any number of rows):
+    # "always" or "never" (the default until a GPU measurement says otherwise; tests/benchmarks/RESULTS.md)
+    compile_scoring: str = "never"
     eval_row_tokens: int = 256  # packed scoring: the width of a row (or the longest user's tokens, if more)
     eval_chunk_tokens: int = 32768  # scoring: at most this many positions a pass (users sorted by length)
     eval_chunk_padding: int | None = None  # padded scoring: padding positions a pass may hold (None: unlimited on a GPU, 16 on the CPU)
@@ -308,6 +311,8 @@ class E4SRecConfig:
             raise InputError(f"E4SRecConfig.compile: {self.compile!r} is not one of {COMPILE}")
         if self.training not in TRAINING:
             raise InputError(f"E4SRecConfig.training: {self.training!r} is not one of {TRAINING}")
+        if self.compile_scoring not in ("always", "never"):
+            raise InputError(f"E4SRecConfig.compile_scoring: {self.compile_scoring!r} is not 'always' or 'never'")
         if self.scoring not in SCORING:
             raise InputError(f"E4SRecConfig.scoring: {self.scoring!r} is not one of {SCORING}")
         if self.eval_chunk_tokens < 1 or self.eval_row_tokens < 1:
@@ -373,6 +378,7 @@ class E4SRec(Recommender):
                                  if "lora_" in name and f".{adapter_name}." in name]
         self._prefix_cache: tuple[tuple, list] | None = None
         self._compiled = None  # (compiled training loss, its batch size), built at the first compiled step
+        self._compiled_scoring = None  # the compiled packed scoring pass (compile_scoring="always")
 
     @property
     def training_input(self) -> str:
@@ -674,10 +680,24 @@ class E4SRec(Recommender):
             causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
             allowed = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0) & causal  # [rows, W, W]
             allowed = torch.cat([allowed.new_ones(n_rows, width, prefix_len), allowed], dim=2)  # + prefix keys
-            cache = _expanded_cache(self._prefix_layers(), n_rows, self.backbone.get_base_model().config)
-            output = self.backbone(inputs_embeds=embeds, attention_mask=self._attention_mask_4d(allowed, embeds.dtype),
-                                   position_ids=position_ids, use_cache=True, **{self._cache_keyword: cache})
-            return output.last_hidden_state[to_device(rows), to_device(starts + tokens - 1)]  # [U, H]
+            forward = self._scoring_pass
+            if self.config.compile_scoring == "always":
+                if self._compiled_scoring is None:
+                    self._compiled_scoring = torch.compile(self._scoring_pass, dynamic=True)
+                forward = self._compiled_scoring
+            prefix = [tensor for layer in self._prefix_layers() for tensor in layer]
+            return forward(embeds, self._attention_mask_4d(allowed, embeds.dtype), position_ids,
+                           to_device(rows), to_device(starts + tokens - 1), *prefix)  # [U, H]
+
+    def _scoring_pass(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                      rows: torch.Tensor, columns: torch.Tensor, *prefix: torch.Tensor) -> torch.Tensor:
+        """The backbone over packed rows after the prefix (per-layer keys and values, flat) -> the
+        hidden states at (``rows``, ``columns``): [U, H]."""
+        cache = _expanded_cache(list(zip(prefix[0::2], prefix[1::2])), embeds.shape[0],
+                                self.backbone.get_base_model().config)
+        output = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=True, **{self._cache_keyword: cache})
+        return output.last_hidden_state[rows, columns]
 
     @torch.no_grad()
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10,

@@ -108,6 +108,20 @@ def test_packed_scoring_equals_padded(tiny, row_tokens, chunk_tokens, attention)
     assert torch.equal(scores[:, 1:].argsort(dim=1), padded[:, 1:].argsort(dim=1))  # the same ranking
 
 
+def test_compiled_packed_scoring_equals_eager(tiny):
+    """compile_scoring="always": one dynamic graph gives the eager scores for any number of rows."""
+    model = build(tiny, lora_dropout=0.0, eval_row_tokens=12)
+    model.eval()
+    histories = torch.cat([HISTORIES, HISTORIES.flip(0)])
+    with torch.no_grad():
+        eager = [model.full_sort_predict({"history": h}) for h in (histories, HISTORIES[:2])]
+        model.config.compile_scoring = "always"
+        compiled = [model.full_sort_predict({"history": h}) for h in (histories, HISTORIES[:2])]  # 5 rows, then 2
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got[:, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
+    assert model._compiled_scoring is not None
+
+
 def test_pack_rows():
     rows, starts, width = pack_rows(np.array([3, 3, 4, 9]), 8)
     assert width == 9 and rows.tolist() == [0, 0, 1, 2] and starts.tolist() == [0, 3, 0, 0]

@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-batch-size", type=int, default=256, help="scoring batch (the paper profile's)")
     parser.add_argument("--eval-settings", nargs="*", default=["4096:262144", "16384:1048576"],
                         help="more scoring settings to time, BATCH:CHUNK_TOKENS[:LAYOUT[:ROW_TOKENS]] (users a batch : "
-                             "positions a pass : packed (default) or padded : packed row width, default 256); their "
+                             "positions a pass : packed (default), compiled (packed, torch.compile) or padded : "
+                             "packed row width, default 256); their "
                              "ranks are compared with the reference's (padded, --eval-batch-size)")
     parser.add_argument("--eval-float32", action="store_true",
                         help="repeat the reference and the scoring settings in float32 (TF32 off)")
@@ -291,7 +292,9 @@ def time_e4srec_scoring(model, data, args, device, batch_size: int, chunk_tokens
     from e4srec.evaluate import rank_split
 
     model.eval()
-    model.config.eval_chunk_tokens, model.config.scoring, model.config.eval_row_tokens = chunk_tokens, layout, row_tokens
+    model.config.eval_chunk_tokens, model.config.eval_row_tokens = chunk_tokens, row_tokens
+    model.config.scoring = "padded" if layout == "padded" else "packed"
+    model.config.compile_scoring = "always" if layout == "compiled" else "never"  # packed, compiled
     dtype = str(model.backbone.get_input_embeddings().weight.dtype).replace("torch.", "")
     free_memory(device)
     users = np.arange(data.n_users if not args.eval_users else min(args.eval_users, data.n_users))
@@ -308,10 +311,10 @@ def time_e4srec_scoring(model, data, args, device, batch_size: int, chunk_tokens
     differ = None if reference is None else int((np.asarray(ranks["full"]) != np.asarray(reference)).sum())
     return row(f"E4SRec scoring (rank_split, all items; {layout}, {dtype})",
                f"{len(users)} users, {chunk_tokens} positions a pass"
-               + (f", rows of {row_tokens}" if layout == "packed" else ""), batch_size, f"{timer.seconds:.2f} s",
+               + (f", rows of {row_tokens}" if layout != "padded" else ""), batch_size, f"{timer.seconds:.2f} s",
                per_second(rate, "users"), f"first batch {warm.seconds:.1f} s", peak_gib(device), seconds=timer.seconds,
                users=len(users), users_per_second=rate, warmup_seconds=warm.seconds, chunk_tokens=chunk_tokens,
-               layout=layout, row_tokens=row_tokens if layout == "packed" else None, dtype=dtype, **quality, ranks_identical_to_first=same, ranks_differing=differ), ranks["full"]
+               layout=layout, row_tokens=row_tokens if layout != "padded" else None, dtype=dtype, **quality, ranks_identical_to_first=same, ranks_differing=differ), ranks["full"]
 
 
 def time_scoring_settings(model, data, args, device) -> list[dict]:
