@@ -8,8 +8,9 @@ What the test holds to:
   (its log says so), because the checkpoints live in ``checkpoints/`` of the run folder, which is
   not a declared output: Snakemake deletes the outputs of an incomplete job before rerunning it,
   never the checkpoints;
-- no half-written output is ever taken as finished: a job cut short is rerun by the next command
-  (Snakemake reason "Incomplete output files" or "Missing output files"), and while a training job
+- no half-written output is ever taken as finished: a job cut short is rerun by the next command,
+  or by a later one if the next is killed before it reaches the job (Snakemake reason "Incomplete
+  output files" or "Missing output files"), and while a training job
   is unfinished none of its outputs (run.json, ranks.parquet, item_embeddings.safetensors,
   components/) exists under its final name;
 - the final ranks.parquet files, the prepared dataset files and the item table are byte-identical to
@@ -175,7 +176,7 @@ def interrupted_workflow(config: Path, plan: list[dict]) -> list[dict]:
     Returns one record per kill (what was running, which epochs were committed, what the rerun did)."""
     folder, out = config.parent, config.parent / "results"
     command = snakemake_command(config)
-    kills = []
+    kills, pending = [], []  # pending: (kill index, job) cut short and not rerun yet
     for attempt in range(len(plan) + 1):
         log = attempt_log(folder, attempt)
         # epochs committed before this attempt: a kill keyed on a job waits for at least one epoch of
@@ -209,17 +210,23 @@ def interrupted_workflow(config: Path, plan: list[dict]) -> list[dict]:
                     kill_group(process)
             kill["seconds"] = round(time.monotonic() - started, 3)
         jobs, finished = parse_jobs(log.read_text())
-        if attempt > 0:  # what this run did with the job(s) cut short by the kill before it
+        if attempt > 0:  # what this run did with the job(s) cut short by earlier kills
             before = kills[attempt - 1]
             rerun = {tuple(job["output"]): job for job in jobs.values()}
-            for job in before["interrupted"]:
+            for index, job in list(pending):
                 again = rerun.get(tuple(job["output"]))
-                assert again is not None, f"kill {attempt - 1}: {job['rule']} was cut short but not rerun"
+                if again is None:
+                    # this run may itself be killed before it reaches the job: then the next one must
+                    # rerun it; the last run, which goes to the end, must rerun every such job
+                    assert attempt < len(plan), f"kill {index}: {job['rule']} was cut short but never rerun"
+                    continue
                 # Snakemake 9 may label such a rerun "Forced execution" (seen when the kill came while
                 # no training job had started yet); what matters is that it runs again
                 assert re.search(r"Incomplete output files|Missing output files|Forced execution", again["reason"]), again
+                pending.remove((index, job))
             before["rerun"] = sorted(job["rule"] for job in jobs.values())
-            before["survived"] = True  # every job it cut short was rerun, none taken as finished
+            for index, earlier in enumerate(kills):  # every job it cut short was rerun, none taken as finished
+                earlier["survived"] = not any(i == index for i, _ in pending)
             for jobid, job in jobs.items():
                 model = TRAINING_RULES.get(job["rule"])
                 got_going = jobid in finished or completed_epoch(out, model) > before["epochs_at_kill"][model] \
@@ -231,6 +238,7 @@ def interrupted_workflow(config: Path, plan: list[dict]) -> list[dict]:
         if attempt == len(plan):
             break
         kill["interrupted"] = [jobs[j] for j in sorted(set(jobs) - finished)]
+        pending.extend((attempt, job) for job in kill["interrupted"])
         kill["epochs_at_kill"] = {model: completed_epoch(out, model) for model in ("SASRec", "E4SRec")}
         kill["outputs_at_kill"] = sorted(str(p.relative_to(out)) for model in ("SASRec", "E4SRec")
                                          for p in job_outputs(out, model) if p.exists())
