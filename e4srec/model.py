@@ -623,28 +623,27 @@ class E4SRec(Recommender):
     def user_hidden(self, history: torch.Tensor) -> torch.Tensor:
         """[B, S] left-padded item ids -> [B, H] last hidden states, ``config.scoring``'s way. Users
         are sorted by history length; a pass holds at most ``eval_chunk_tokens`` positions."""
-        if self.config.scoring == "packed":
-            return self._packed_user_hidden(history)
         lengths = (history > 0).sum(dim=1)
-        order = torch.argsort(lengths, stable=True)
-        widths = lengths[order].cpu().tolist()  # one host sync per scoring batch
+        order = torch.argsort(lengths, stable=True)  # similar lengths share a pass (and, packed, a row)
+        widths = lengths[order].cpu().numpy()  # one host sync per scoring batch
         hidden = torch.empty(history.shape[0], self.hidden_size, device=history.device)
+        if self.config.scoring == "packed":
+            return self._packed_user_hidden(history, order, widths, hidden)
         padding = self.config.eval_chunk_padding
         if padding is None:
             padding = self.config.eval_chunk_tokens if history.device.type == "cuda" else 16
-        for start, stop in chunk_bounds(widths, self.config.eval_chunk_tokens, padding):
+        for start, stop in chunk_bounds(widths.tolist(), self.config.eval_chunk_tokens, padding):
             rows = order[start:stop]
             hidden[rows] = self.last_hidden(history[rows, history.shape[1] - widths[stop - 1]:]).float()
         return hidden
 
-    def _packed_user_hidden(self, history: torch.Tensor) -> torch.Tensor:
-        """:meth:`user_hidden` with the users' tokens packed into rows (``scoring="packed"``)."""
-        lengths = (history > 0).sum(dim=1)
-        order = torch.argsort(lengths, stable=True)  # similar lengths share rows: little padding at row ends
-        tokens = lengths[order].cpu().numpy() + self.response_ids.shape[0]  # one host sync
+    def _packed_user_hidden(self, history: torch.Tensor, order: torch.Tensor, widths: np.ndarray,
+                            hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`user_hidden` with the users' tokens packed into rows (``scoring="packed"``): users in
+        ``order``, of history lengths ``widths``; fills and returns ``hidden``."""
+        tokens = widths + self.response_ids.shape[0]
         rows, starts, width = pack_rows(tokens, self.config.eval_row_tokens)
         rows_per_pass = max(1, self.config.eval_chunk_tokens // width)
-        hidden = torch.empty(history.shape[0], self.hidden_size, device=history.device)
         n_rows = int(rows[-1]) + 1 if len(rows) else 0
         bounds = [*np.searchsorted(rows, np.arange(0, n_rows, rows_per_pass)), len(rows)]
         for begin, stop in zip(bounds[:-1], bounds[1:]):

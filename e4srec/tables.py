@@ -220,17 +220,20 @@ def baseline_gaps(table3: pd.DataFrame) -> pd.DataFrame:
     """Every baseline cell of Table 3 (HR@10, NDCG@10, full ranking, default variant) that is not
     reproduced, with its ``full_masked`` value and verdict, its 'long' variant's values (if run), whether
     the paper's row is consistent, and the reason the runs support."""
+    key = ["dataset", "model", "metric"]
+
+    def protocol_columns(cells: pd.DataFrame, protocol: str, names: dict[str, str]) -> pd.DataFrame:
+        """The cells of ``protocol``: the key and ``names``' columns, renamed."""
+        return cells[cells.protocol == protocol][key + list(names)].rename(columns=names)
+
     cells = gap_cells(table3)
     cells = cells[cells.paper_value.notna()]
-    key = ["dataset", "model", "metric"]
-    masked = cells[cells.protocol == "full_masked"][key + ["value", "verdict"]].rename(
-        columns={"value": "masked_value", "verdict": "masked_verdict"})
-    gaps = cells[(cells.protocol == "full") & (cells.verdict != "reproduced")].merge(masked, on=key, how="left")
     long = gap_cells(table3, "long")
-    long = long[long.protocol == "full"][key + ["value"]].rename(columns={"value": "long_value"}).merge(
-        long[long.protocol == "full_masked"][key + ["value"]].rename(columns={"value": "long_masked_value"}),
-        on=key, how="outer")
-    gaps = gaps.merge(long, on=key, how="left")
+    gaps = cells[(cells.protocol == "full") & (cells.verdict != "reproduced")]
+    for extra in (protocol_columns(cells, "full_masked", {"value": "masked_value", "verdict": "masked_verdict"}),
+                  protocol_columns(long, "full", {"value": "long_value"}),
+                  protocol_columns(long, "full_masked", {"value": "long_masked_value"})):
+        gaps = gaps.merge(extra, on=key, how="left")
     gaps["long_reproduced"] = ((gaps[["long_value", "long_masked_value"]].div(gaps.paper_value, axis=0) - 1).abs()
                                <= TOLERANCE).any(axis=1)
     full = table3[(table3.protocol == "full") & (table3.variant == "default")]

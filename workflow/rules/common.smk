@@ -145,8 +145,9 @@ def e4srec_model_params(wildcards):
     examples and scores padded whatever ``training`` and ``scoring`` say (recorded in its run.json)."""
     params = dict(config["e4srec"]["params"])
     if wildcards.variant == "bert-encoder":
-        params.update({key: value for key, value in (("training", "examples"), ("scoring", "padded"))
-                       if params.get(key) == "packed"})
+        for key, unpacked in (("training", "examples"), ("scoring", "padded")):
+            if params.get(key) == "packed":
+                params[key] = unpacked
     return as_json(params)
 
 

@@ -290,6 +290,7 @@ def time_e4srec_scoring(model, data, args, device, batch_size: int, chunk_tokens
     import torch
 
     from e4srec.evaluate import rank_split
+    from e4srec.metrics import hit_rate, ndcg
 
     model.eval()
     model.config.eval_chunk_tokens, model.config.eval_row_tokens = chunk_tokens, row_tokens
@@ -305,16 +306,16 @@ def time_e4srec_scoring(model, data, args, device, batch_size: int, chunk_tokens
     assert len(ranks["full"]) == len(users)
     rate = len(users) / timer.seconds
     full = np.asarray(ranks["full"])
-    hit = full <= 10
-    quality = {"valid_hr10": float(hit.mean()), "valid_ndcg10": float((hit / np.log2(full + 1)).mean())}
-    same = None if reference is None else bool(np.array_equal(np.asarray(ranks["full"]), np.asarray(reference)))
-    differ = None if reference is None else int((np.asarray(ranks["full"]) != np.asarray(reference)).sum())
+    quality = {"valid_hr10": hit_rate(full, 10), "valid_ndcg10": ndcg(full, 10)}
+    same = None if reference is None else bool(np.array_equal(full, np.asarray(reference)))
+    differ = None if reference is None else int((full != np.asarray(reference)).sum())
     return row(f"E4SRec scoring (rank_split, all items; {layout}, {dtype})",
                f"{len(users)} users, {chunk_tokens} positions a pass"
                + (f", rows of {row_tokens}" if layout != "padded" else ""), batch_size, f"{timer.seconds:.2f} s",
                per_second(rate, "users"), f"first batch {warm.seconds:.1f} s", peak_gib(device), seconds=timer.seconds,
                users=len(users), users_per_second=rate, warmup_seconds=warm.seconds, chunk_tokens=chunk_tokens,
-               layout=layout, row_tokens=row_tokens if layout != "padded" else None, dtype=dtype, **quality, ranks_identical_to_first=same, ranks_differing=differ), ranks["full"]
+               layout=layout, row_tokens=row_tokens if layout != "padded" else None, dtype=dtype, **quality,
+               ranks_identical_to_first=same, ranks_differing=differ), full
 
 
 def time_scoring_settings(model, data, args, device) -> list[dict]:
