@@ -71,7 +71,7 @@ def cmd_train(args) -> None:
         context["item_embeddings"] = args.item_embeddings
     record = runs.run(args.dataset_dir, args.model, args.out, variant=args.variant, seed=args.seed,
                       params=args.params, train_params=args.train_params, ties=args.ties,
-                      progress=not args.no_progress, **context)
+                      progress=not args.no_progress, time_backbone=args.time_backbone, **context)
     if record is None:  # not the main process of several: it trained, the main one evaluated and wrote
         return
     test = record["metrics"]["test_full"]
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--time-backbone", action="store_true",
+                   help="E4SRec: also time the bare backbone on the same prompts (Table 4), after evaluating")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("metrics", help="metrics of every run, long form CSV, from the ranks files")

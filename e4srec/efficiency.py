@@ -19,15 +19,24 @@ Table 4, efficiency (long form: dataset, seed, quantity, value, paper_value):
 - ``later epochs, median (s)`` and ``training rows per second, later epochs (median)``: the median
   over the epochs after the first (the first when only one ran) of ``seconds`` and of
   ``examples / seconds``.
+- ``training tokens per second, later epochs (median)``: the same median of ``tokens / seconds``, where
+  ``tokens`` (recorded by the trainer from E4SRec's ``backbone_tokens``) counts the prompt positions
+  the backbone read in the epoch, padding left out (empty for records that predate it).
 - ``training total (s, with per-epoch validation)``: ``training.train_seconds``.
+- ``peak memory in training (GiB)``: ``training.peak_memory_mb``: the peak GPU memory allocated by
+  torch on a GPU, the process's peak resident memory on a CPU.
 - ``SASRec later epochs, median (s)`` and ``SASRec machine``: the same median and machine for the
   reference baseline, from ``RUNS/<dataset>/SASRec/default/seed~0/run.json`` (empty when absent).
 - ``evaluation pass (s)``, ``evaluation users``, ``evaluation users per second``: ``evaluation.seconds``
   and ``evaluation.users``. The pass ranks every user's validation and test items (two scorings of all
   items per user, batched) and derives the three protocols (full, full_masked, sampled) from the same
   scores. ``evaluation s per ranked instance`` is ``seconds / (2 x users)``, beside the paper's 0.23 s
-  per instance (whose batching the paper does not state; the bare backbone's 0.21 s has no
-  counterpart here).
+  per instance (whose batching the paper does not state).
+- ``bare backbone forward, users per second`` and ``s per instance``: ``evaluation.bare_backbone``
+  (``e4srec train --time-backbone``): the backbone alone over every user's validation prompt, LoRA
+  off, no prefix cache, no item scorer, at the evaluation batch size; beside the paper's 0.21 s for
+  LLaMA2-13B alone. ``E4SRec / bare backbone, s per instance`` divides the two per-instance times
+  (paper: 0.23 / 0.21). Empty for records without the timing.
 - ``trainable parameters``, ``backbone parameters`` and their ratio: ``trainable_parameters`` (LoRA,
   input projection and item scorer) over ``backbone.parameters``; paper: "about 1%".
 - ``backbone weights (GB)``, ``components (GB)``, ``E4SRec storage: backbone + components (GB)`` and
@@ -160,8 +169,14 @@ def later_epochs(run: RunRecord) -> list[dict]:
     epochs = run.get("training.epochs")
     if not epochs:
         raise InputError(f"{run.path}: key 'training.epochs' lists no epoch")
-    return [{"seconds": run.get(f"training.epochs.{i}.seconds"), "examples": run.get(f"training.epochs.{i}.examples")}
+    return [{key: run.get(f"training.epochs.{i}.{key}") for key in ("seconds", "examples", "tokens")
+             if key != "tokens" or run.has(f"training.epochs.{i}.tokens")}
             for i in range(1 if len(epochs) > 1 else 0, len(epochs))]
+
+
+def optional(run: RunRecord, key: str):
+    """The value at ``key``, or None where the record predates it."""
+    return run.get(key) if run.has(key) else None
 
 
 def median_epoch_seconds(run: RunRecord) -> float:
@@ -177,8 +192,8 @@ def backbone_name(run: RunRecord) -> str:
 
 # Table 4 ----------------------------------------------------------------------------------------------
 
-PAPER_TABLE4_QUANTITIES = ("gpu", "backbone", "inference_seconds_per_instance", "storage_gb", "backbone_storage_gb",
-                           "extra_parameters_share", "storage_ratio_100_models")
+PAPER_TABLE4_QUANTITIES = ("gpu", "backbone", "inference_seconds_per_instance", "backbone_inference_seconds_per_instance",
+                           "storage_gb", "backbone_storage_gb", "extra_parameters_share", "storage_ratio_100_models")
 
 
 def read_paper(paper_tsv: str | Path) -> pd.DataFrame:
@@ -205,6 +220,12 @@ def efficiency_rows(run: RunRecord, reference: RunRecord | None, paper: dict[str
     users = run.get("evaluation.users")
     eval_seconds = run.get("evaluation.seconds")
     paper_storage, paper_backbone = float(paper["storage_gb"]), float(paper["backbone_storage_gb"])
+    per_instance = eval_seconds / (len(SPLITS) * users)
+    tokens = [epoch["tokens"] / epoch["seconds"] for epoch in later if "tokens" in epoch]
+    peak_mb = optional(run, "training.peak_memory_mb")
+    bare = optional(run, "evaluation.bare_backbone")
+    bare_per_instance = bare["seconds"] / bare["users"] if bare else None
+    paper_ratio = float(paper["inference_seconds_per_instance"]) / float(paper["backbone_inference_seconds_per_instance"])
     return [
         ("machine", machine_name(run), paper["gpu"]),
         ("backbone", backbone_name(run), paper["backbone"]),
@@ -215,14 +236,19 @@ def efficiency_rows(run: RunRecord, reference: RunRecord | None, paper: dict[str
         ("later epochs, median (s)", median_epoch_seconds(run), None),
         ("training rows per second, later epochs (median)",
          statistics.median(epoch["examples"] / epoch["seconds"] for epoch in later), None),
+        ("training tokens per second, later epochs (median)", statistics.median(tokens) if tokens else None, None),
         ("training total (s, with per-epoch validation)", run.get("training.train_seconds"), None),
+        ("peak memory in training (GiB)", peak_mb / 1024 if peak_mb is not None else None, None),
         (f"{REFERENCE[0]} later epochs, median (s)", median_epoch_seconds(reference) if reference else None, None),
         (f"{REFERENCE[0]} machine", machine_name(reference) if reference else None, None),
         ("evaluation pass (s)", eval_seconds, None),
         ("evaluation users", users, None),
         ("evaluation users per second", users / eval_seconds, None),
-        ("evaluation s per ranked instance", eval_seconds / (len(SPLITS) * users),
-         float(paper["inference_seconds_per_instance"])),
+        ("evaluation s per ranked instance", per_instance, float(paper["inference_seconds_per_instance"])),
+        ("bare backbone forward, users per second", bare["users_per_second"] if bare else None, None),
+        ("bare backbone forward, s per instance", bare_per_instance,
+         float(paper["backbone_inference_seconds_per_instance"])),
+        ("E4SRec / bare backbone, s per instance", per_instance / bare_per_instance if bare else None, paper_ratio),
         ("trainable parameters", run.get("trainable_parameters"), None),
         ("backbone parameters", run.get("backbone.parameters"), None),
         ("trainable / backbone parameters", run.get("trainable_parameters") / run.get("backbone.parameters"),

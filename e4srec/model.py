@@ -423,7 +423,7 @@ class E4SRec(Recommender):
     def _autocast(self):
         """Half-precision backbones always run under autocast (the trainer only autocasts training)."""
         weight = self.backbone.get_input_embeddings().weight
-        if weight.dtype == torch.float32 or torch.is_autocast_enabled(weight.device.type):
+        if weight.dtype in (torch.float32, torch.float64) or torch.is_autocast_enabled(weight.device.type):
             return contextlib.nullcontext()
         return torch.autocast(device_type=weight.device.type, dtype=weight.dtype)
 
@@ -451,6 +451,18 @@ class E4SRec(Recommender):
         mode = self.config.share_prefix
         return mode == "always" or (mode == "auto" and (not self.training or device.type == "cpu"))
 
+    def backbone_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The prompt positions the backbone reads for a training batch, padding left out: the prefix
+        (once a row, or not at all when shared), the history items and, per target, the response. A
+        0-dim tensor on the batch's device (no host sync); the trainer sums it into tokens per second."""
+        share = self.shares_prefix(batch["user"].device)
+        prefix, response = (0 if share else self.prefix_ids.shape[0]), self.response_ids.shape[0]
+        if "sequence" in batch:  # packed: each (position, next item) pair is an item and a response copy
+            sequence = batch["sequence"]
+            pairs = ((sequence[:, :-1] > 0) & (sequence[:, 1:] > 0)).sum()
+            return pairs * (1 + response) + prefix * sequence.shape[0]
+        return (batch["history"] > 0).sum() + batch["history"].shape[0] * (prefix + response)
+
     def last_hidden(self, history: torch.Tensor, share_prefix: bool | None = None) -> torch.Tensor:
         """[B, S] left-padded item ids (S: the batch's longest history) -> [B, H] last hidden state."""
         self._activate()
@@ -471,6 +483,15 @@ class E4SRec(Recommender):
                                    use_cache=True, **{self._cache_keyword: cache})
             return output.last_hidden_state[:, -1]  # [B, H]
 
+    @torch.no_grad()
+    def bare_backbone_hidden(self, history: torch.Tensor) -> torch.Tensor:
+        """The backbone alone on the same prompts as :meth:`last_hidden`: LoRA off, the whole prompt for
+        every user (no prefix cache), no item scorer. Table 4 times it beside E4SRec's scoring, as the
+        paper times LLaMA2-13B's inference beside E4SRec's."""
+        self._activate()
+        with self._autocast(), self.backbone.disable_adapter():
+            return self._last_hidden_plain(trim_history(history))
+
     def _last_hidden_plain(self, history: torch.Tensor) -> torch.Tensor:
         """The straightforward path: the whole prompt for every user, no cache (the reference)."""
         batch_size = history.shape[0]
@@ -485,10 +506,16 @@ class E4SRec(Recommender):
                                use_cache=False)
         return output.last_hidden_state[:, self.read_position]
 
+    @property
+    def score_dtype(self) -> torch.dtype:
+        """float32, or float64 for a model turned to float64 (the rank-identity checks)."""
+        return torch.promote_types(self.item_scorer.weight.dtype, torch.float32)
+
     def item_scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, H] -> [B, N + 1] float32 scores (autocast off: bf16 scores tie)."""
+        """[B, H] -> [B, N + 1] scores in :attr:`score_dtype` (autocast off: bf16 scores tie)."""
+        dtype = self.score_dtype
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return F.linear(hidden.float(), self.item_scorer.weight.float())
+            return F.linear(hidden.to(dtype), self.item_scorer.weight.to(dtype))
 
     # -- packed training (``training="packed"``) ------------------------------------------------
 
@@ -626,7 +653,7 @@ class E4SRec(Recommender):
         lengths = (history > 0).sum(dim=1)
         order = torch.argsort(lengths, stable=True)  # similar lengths share a pass (and, packed, a row)
         widths = lengths[order].cpu().numpy()  # one host sync per scoring batch
-        hidden = torch.empty(history.shape[0], self.hidden_size, device=history.device)
+        hidden = torch.empty(history.shape[0], self.hidden_size, device=history.device, dtype=self.score_dtype)
         if self.config.scoring == "packed":
             return self._packed_user_hidden(history, order, widths, hidden)
         padding = self.config.eval_chunk_padding
@@ -634,7 +661,7 @@ class E4SRec(Recommender):
             padding = self.config.eval_chunk_tokens if history.device.type == "cuda" else 16
         for start, stop in chunk_bounds(widths.tolist(), self.config.eval_chunk_tokens, padding):
             rows = order[start:stop]
-            hidden[rows] = self.last_hidden(history[rows, history.shape[1] - widths[stop - 1]:]).float()
+            hidden[rows] = self.last_hidden(history[rows, history.shape[1] - widths[stop - 1]:]).to(hidden.dtype)
         return hidden
 
     def _packed_user_hidden(self, history: torch.Tensor, order: torch.Tensor, widths: np.ndarray,
@@ -649,7 +676,7 @@ class E4SRec(Recommender):
         for begin, stop in zip(bounds[:-1], bounds[1:]):
             users = order[begin:stop]
             hidden[users] = self._packed_pass(history[users], rows[begin:stop] - rows[begin], starts[begin:stop],
-                                              tokens[begin:stop], width).float()
+                                              tokens[begin:stop], width).to(hidden.dtype)
         return hidden
 
     def _packed_pass(self, history: torch.Tensor, rows: np.ndarray, starts: np.ndarray, tokens: np.ndarray,

@@ -141,11 +141,34 @@ def nondeterminism_settings(device) -> dict:
     }
 
 
+def _synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_bare_backbone(model, data: SequenceData, batch_size: int, device) -> dict:
+    """Seconds the bare backbone takes over every user's validation prompt (``bare_backbone_hidden``:
+    LoRA off, no prefix cache, no item scorer, no ranking), in batches of ``batch_size``, after one
+    untimed batch: Table 4's "LLM alone" beside E4SRec's evaluation pass."""
+    histories = torch.from_numpy(data.padded_histories("valid"))
+    model.bare_backbone_hidden(histories[:batch_size].to(device))  # warm-up
+    _synchronize(device)
+    started = time.perf_counter()
+    for start in range(0, data.n_users, batch_size):
+        model.bare_backbone_hidden(histories[start:start + batch_size].to(device))
+    _synchronize(device)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "users": data.n_users, "users_per_second": data.n_users / seconds,
+            "batch_size": batch_size, "split": "valid",
+            "what": "backbone forward over each user's whole prompt; LoRA off, no prefix cache, no item scorer"}
+
+
 def run(dataset_dir: str | Path, model_name: str, out_dir: str | Path, *, variant: str = "default",
         seed: int = 0, params: dict | None = None, train_params: dict | None = None,
-        ties: str = "pessimistic", progress: bool = True, **context) -> dict | None:
+        ties: str = "pessimistic", progress: bool = True, time_backbone: bool = False, **context) -> dict | None:
     """Train and evaluate one model on one prepared dataset; write the run folder; return its record
-    (None on a process other than the main one of several: only the main one evaluates and writes)."""
+    (None on a process other than the main one of several: only the main one evaluates and writes).
+    ``time_backbone``: an LLM-based model also times its bare backbone on the same prompts (Table 4)."""
     out_dir = Path(out_dir)
     provenance.git_state()  # the commit as the run starts (cached): the code that actually ran
     train_config = TrainConfig.from_dict({**(train_params or {}), "seed": seed})
@@ -166,15 +189,18 @@ def run(dataset_dir: str | Path, model_name: str, out_dir: str | Path, *, varian
     eval_started = time.perf_counter()
     ranks = rank_all(model.full_sort_predict, data, train_config.eval_batch_size, device, ties)
     eval_seconds = time.perf_counter() - eval_started
+    evaluation = {"ties": ties, "history_masking": "both (columns full and full_masked)",
+                  "selection": "best validation NDCG@10 (full ranking); the test item is never used for selection",
+                  "seconds": eval_seconds, "users": data.n_users}
+    if time_backbone and hasattr(model, "bare_backbone_hidden"):
+        evaluation["bare_backbone"] = time_bare_backbone(model, data, train_config.eval_batch_size, device)
     summary = {f"{split}_{protocol}": {f"{m}@{k}" if k else m: v for m, k, v in all_metrics(ranks[f"{split}_{protocol}"])}
                for split in ("valid", "test") for protocol in ("full", "full_masked", "sampled")}
     record = provenance.record(
         dataset=data.name, model=model_name, variant=variant, seed=seed,
         model_class=f"{type(model).__module__}:{type(model).__name__}",
         params=dataclasses.asdict(model_config(type(model), params or {})), training=training,
-        evaluation={"ties": ties, "history_masking": "both (columns full and full_masked)",
-                    "selection": "best validation NDCG@10 (full ranking); the test item is never used for selection",
-                    "seconds": eval_seconds, "users": data.n_users},
+        evaluation=evaluation,
         inputs={"dataset_dir": str(dataset_dir), "sha256": checksums,
                 "raw_sha256": data.record["raw"]["sha256"], "negatives": data.record["negatives"]},
         metrics=summary, total_seconds=time.perf_counter() - started,

@@ -421,6 +421,8 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
                                               config.group_by_length)
         n_batches = min(n_batches, config.max_steps_per_epoch or n_batches)
         started, total_loss, examples = time.perf_counter(), 0.0, 0
+        count_tokens = getattr(raw_model, "backbone_tokens", None)  # LLM-based models: tokens per second
+        tokens = torch.zeros((), dtype=torch.long, device=device)
         bar = tqdm(batches, total=n_batches, desc=f"{data.name} epoch {epoch}", disable=not (progress and main),
                    leave=False)
         for index, batch in enumerate(bar):
@@ -453,6 +455,8 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
             state["step"] += 1
             total_loss += loss
             examples += len(batch["user"])
+            if count_tokens is not None:
+                tokens += count_tokens(batch)
             bar.set_postfix(loss=f"{total_loss * world / (index + 1):.4f}")  # this process's slices, scaled
         seconds = time.perf_counter() - started
         valid = validation_ndcg10(raw_model, data, config, device)
@@ -463,7 +467,8 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
             valid = broadcast(torch.tensor([valid], dtype=torch.float64, device=device)).item()
         improved = valid > state["best_valid_ndcg10"]
         state["epochs"].append({"epoch": epoch, "loss": total_loss / max(n_batches, 1), "valid_ndcg10": valid,
-                                "seconds": seconds, "examples": examples})
+                                "seconds": seconds, "examples": examples,
+                                **({"tokens": int(tokens)} if count_tokens is not None else {})})
         state["train_seconds"] += seconds
         state["epoch"] = epoch
         if improved:

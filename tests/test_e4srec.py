@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from e4srec import backbone, commands, deploy, instruct, runs
+from e4srec.data import SequenceData
 from e4srec.files import InputError, load_tensors, save_tensors
 from e4srec.ablations import E4SRecEncoder, EncoderConfig
 from e4srec.model import E4SRec, E4SRecConfig, chunk_bounds, pack_rows, packed_width, trim_history
@@ -515,9 +516,19 @@ def test_run_writes_ranks(tiny, tmp_path, training):
     record = runs.run(dataset, "E4SRec", tmp_path / "run", params={"lora_r": 4, "training": training},
                       train_params={"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 3, "learning_rate": 1e-3,
                                     "eval_batch_size": 16, "device": "cpu", "group_by_length": True},
-                      progress=False, backbone_dir=tiny["backbone"], item_embeddings=tiny["table"])
+                      progress=False, time_backbone=True, backbone_dir=tiny["backbone"], item_embeddings=tiny["table"])
     ranks = pd.read_parquet(tmp_path / "run" / "ranks.parquet")
     assert len(ranks) == 24 and ranks["test_full"].between(1, N_ITEMS).all()
     assert record["params"]["lora_r"] == 4 and record["backbone_dir"] == str(tiny["backbone"])
     assert record["params"]["training"] == training and record["trainable_parameters"] > 0
-    assert record["training"]["epochs"][0]["examples"] == 24  # 3 steps of 8 (users or examples)
+    epoch = record["training"]["epochs"][0]
+    assert epoch["examples"] == 24  # 3 steps of 8 (users or examples)
+    response = build(tiny).response_ids.shape[0]  # on the CPU the prefix is shared: not read per row
+    if training == "packed":  # the 24 users are the whole epoch: every (position, next item) pair
+        sequences = SequenceData.load(dataset).training_sequences()
+        pairs = int(((sequences[:, :-1] > 0) & (sequences[:, 1:] > 0)).sum())
+        assert epoch["tokens"] == pairs * (1 + response)
+    else:  # 24 examples, each its history and the response
+        assert epoch["tokens"] >= 24 * (1 + response)
+    bare = record["evaluation"]["bare_backbone"]
+    assert bare["users"] == 24 and bare["seconds"] > 0 and bare["batch_size"] == 16

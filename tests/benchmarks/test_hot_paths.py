@@ -325,7 +325,7 @@ def test_gpu_benchmark_script_runs_every_part_on_the_cpu(tmp_path):
                            "--backbone", str(backbone), "--out", str(out), "--modes", "eager", "--batch-sizes", "4",
                            "--packed-batch-sizes", "4", "--steps", "2", "--warmup", "1", "--epoch",
                            "--eval-users", "16", "--eval-batch-size", "8", "--eval-settings", "16:64:packed:12",
-                           "--eval-float32", "--bare-backbone", "--sasrec-losses", "bce"],
+                           "--eval-float32", "--eval-float64", "--bare-backbone", "--sasrec-losses", "bce"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
@@ -336,9 +336,52 @@ def test_gpu_benchmark_script_runs_every_part_on_the_cpu(tmp_path):
                      "E4SRec scoring (rank_split, all items; padded, float32)",
                      "E4SRec scoring (rank_split, all items; packed, float32)",
                      "E4SRec scoring (rank_split, all items; padded, float32)",  # --eval-float32 (a no-op here)
-                     "E4SRec scoring (rank_split, all items; packed, float32)", "SASRec epoch (shared trainer)"]
-    assert rows[2]["targets"] > 0
-    assert rows[5]["ranks_identical_to_first"] is rows[7]["ranks_identical_to_first"] is True  # packed = padded
+                     "E4SRec scoring (rank_split, all items; packed, float32)",
+                     "E4SRec scoring (rank_split, all items; padded, float64)",  # --eval-float64
+                     "E4SRec scoring (rank_split, all items; packed, float64)", "SASRec epoch (shared trainer)"]
+    assert rows[2]["targets"] > 0 and rows[0]["tokens_per_step"] > rows[0]["targets_per_step"]
+    assert rows[3]["users"] == 24 and rows[3]["users_per_second"] > 0  # the bare backbone: every user
+    # packed = padded, in each precision
+    assert rows[5]["ranks_identical_to_first"] is rows[7]["ranks_identical_to_first"] is True
+    assert rows[9]["ranks_identical_to_first"] is True
     assert rows[5]["row_tokens"] == 12 and rows[4]["row_tokens"] is None
     assert rows[5]["valid_ndcg10"] == rows[4]["valid_ndcg10"] and 0 <= rows[4]["valid_hr10"] <= 1
     assert "| E4SRec training step (packed) |" in done.stdout
+
+
+def test_gpu_benchmark_script_scores_trained_components(tmp_path):
+    """--components: the benchmark scores a trained run's components (loaded as the service loads them),
+    here only in float64 (--skip-model-precision), where packed and padded scoring rank alike."""
+    import json
+
+    from e4srec.data import SequenceData
+    from e4srec.evaluate import rank_split
+    from e4srec.metrics import ndcg
+    from e4srec.model import E4SRec
+    from tiny_llm import write_item_embeddings, write_tiny_dataset
+
+    backbone = write_tiny_backbone(tmp_path / "backbone")
+    dataset = write_tiny_dataset(tmp_path / "data" / "tiny", n_items=30)
+    table = write_item_embeddings(tmp_path / "items.safetensors", 30)
+    torch.manual_seed(0)
+    model = E4SRec(30, 24, 50, backbone_dir=backbone, item_embeddings=table)
+    with torch.no_grad():  # a visibly "trained" adapter and scorer
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or name.startswith("item_scorer"):
+                parameter.normal_(0, 0.3)
+    model.save_components(tmp_path / "components", dataset="tiny")
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke-test", "--dataset-dir", str(dataset),
+                           "--backbone", str(backbone), "--components", str(tmp_path / "components"),
+                           "--out", str(out), "--trainings", "--eval-users", "0", "--eval-batch-size", "8",
+                           "--eval-settings", "24:96:packed:12", "--skip-model-precision", "--eval-float64",
+                           "--sasrec-losses"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["layout"], r["dtype"], r["users"]) for r in rows] == [("padded", "float64", 24), ("packed", "float64", 24)]
+    assert rows[1]["ranks_identical_to_first"] is True and rows[1]["valid_ndcg10"] == rows[0]["valid_ndcg10"]
+    model = model.eval().double()  # the same weights, scored here: the script used the components
+    with torch.no_grad():
+        ranks = rank_split(model.full_sort_predict, SequenceData.load(dataset), "valid", 8)["full"]
+    assert rows[0]["valid_ndcg10"] == pytest.approx(ndcg(ranks, 10))

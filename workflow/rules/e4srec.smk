@@ -4,7 +4,7 @@ E4SREC_TRAIN_SHELL = TRAIN_COMMAND + (  # `e4srec train`, or its launch over sev
     " --dataset-dir {params.dataset_dir} --model E4SRec --variant {wildcards.variant} "
     "--seed {wildcards.seed} --params '{params.model_params}' --train-params '{params.train_params}' "
     "{params.backbone} --item-embeddings {input.item_embeddings} --ties {params.ties} "
-    "--out {params.out} --threads {threads} --no-progress 2> {log}"
+    "{params.time_backbone} --out {params.out} --threads {threads} --no-progress 2> {log}"
 )
 
 
@@ -76,6 +76,8 @@ rule train_e4srec:
         out=lambda wildcards, output: Path(output.ranks).parent,
         ties=config["ties"],
         backbone=lambda wildcards, input: f"--backbone {input.backbone}" if input.backbone else "",  # none: no-llm
+        time_backbone=lambda wildcards: "--time-backbone" if config["e4srec"]["time_backbone"] and
+        wildcards.variant == "default" else "",
     threads: 8  # capped by --cores; the LLM's matrix work uses them on a CPU
     log:
         f"{OUT}/logs/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}.log",

@@ -80,6 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "ranks are compared with the reference's (padded, --eval-batch-size)")
     parser.add_argument("--eval-float32", action="store_true",
                         help="repeat the reference and the scoring settings in float32 (TF32 off)")
+    parser.add_argument("--eval-float64", action="store_true",
+                        help="repeat them in float64 too (backbone, item scorer and ranking), where only "
+                             "a different computation, not rounding, can change a rank")
+    parser.add_argument("--skip-model-precision", action="store_true",
+                        help="score only in the --eval-float32/--eval-float64 precisions, not the backbone's own")
+    parser.add_argument("--components", help="a trained E4SRec run's components folder (its LoRA, projections "
+                        "and item scorer; trained on --backbone) to score with, frozen (with --trainings and no layouts); "
+                        "default: an untrained model")
     parser.add_argument("--bare-backbone", action="store_true",
                         help="also time a forward pass of the bare backbone on the same inputs (Table 4)")
     parser.add_argument("--sasrec-losses", nargs="*", choices=["bce", "ce"], default=["bce", "ce"],
@@ -169,6 +177,12 @@ def build_e4srec(args, data, backbone_dir: Path, device):
 
     from e4srec.model import E4SRec, E4SRecConfig
 
+    if args.components:  # a trained model, loaded as a service loads it
+        from e4srec.deploy import E4SRecService
+
+        service = E4SRecService(backbone_dir, device=str(device))
+        service.add(data.name, args.components)
+        return service.model(data.name)
     if args.item_embeddings:
         table = args.item_embeddings
     else:
@@ -178,18 +192,6 @@ def build_e4srec(args, data, backbone_dir: Path, device):
     model = E4SRec(data.n_items, data.n_users, data.max_len, E4SRecConfig(compile="never"),
                    backbone_dir=backbone_dir, item_embeddings=table)
     return model.to(device)
-
-
-def real_tokens(model, batch: dict) -> int:
-    """Non-padding tokens the backbone reads for a batch (instruction prefix counted once per row
-    unless shared)."""
-    prefix, response = model.prefix_ids.shape[0], model.response_ids.shape[0]
-    share = model.shares_prefix(batch["user"].device)
-    if "sequence" in batch:
-        pairs = int(((batch["sequence"][:, :-1] > 0) & (batch["sequence"][:, 1:] > 0)).sum())
-        return pairs * (1 + response) + (0 if share else prefix * len(batch["user"]))
-    items = int((batch["history"] > 0).sum())
-    return items + len(batch["user"]) * (response + (0 if share else prefix))
 
 
 def targets_of(batch: dict) -> int:
@@ -225,7 +227,7 @@ def time_e4srec_training(model, data, args, device, training: str, mode: str, ba
     median = statistics.median(timed)
     rows = batches[args.warmup:] or batches
     targets = sum(targets_of(b) for b in rows) / len(rows)
-    tokens = sum(real_tokens(model, b) for b in rows) / len(rows)
+    tokens = sum(int(model.backbone_tokens(b)) for b in rows) / len(rows)
     epoch_estimate = median * n_batches
     return row(f"E4SRec training step ({training})", mode, f"{batch_size} {'users' if training == 'packed' else 'examples'}",
                f"{median * 1e3:.1f} ms/step", per_second(targets / median, "targets"),
@@ -330,9 +332,11 @@ def time_scoring_settings(model, data, args, device) -> list[dict]:
         layout = rest[0] if rest else "packed"
         settings.append((int(batch_size), int(chunk_tokens), layout, int(rest[1]) if len(rest) > 1 else row_tokens))
     rows = []
-    for precision in ["model"] + (["float32"] if args.eval_float32 else []):
-        if precision == "float32":
-            model.float()  # the same (bf16-representable) weights, computed in float32
+    precisions = ([] if args.skip_model_precision else ["model"]) + ["float32"] * args.eval_float32 \
+        + ["float64"] * args.eval_float64
+    for precision in precisions:
+        if precision != "model":  # the same (bf16-representable) weights, computed in float32 or float64
+            model.to(getattr(torch, precision))
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         reference = None
         for batch_size, chunk_tokens, layout, width in settings:
@@ -348,24 +352,15 @@ def time_scoring_settings(model, data, args, device) -> list[dict]:
 
 def time_bare_backbone(model, data, args, device) -> dict:
     """A forward pass of the bare backbone (LoRA off, no prefix cache, no item scorer) on the same
-    prompts as scoring, at the first scoring batch size: what E4SRec's scoring adds to the LLM."""
-    import torch
-
-    from e4srec.model import trim_history
+    prompts as scoring, at ``--eval-batch-size``, all users (as the runs record it for Table 4)."""
+    from e4srec.runs import time_bare_backbone as bare_backbone
 
     model.eval()
     free_memory(device)
-    n_users = data.n_users if not args.eval_users else min(args.eval_users, data.n_users)
-    histories = torch.from_numpy(data.padded_histories("valid")[:n_users]).to(device)
-    with torch.no_grad(), model.backbone.disable_adapter():
-        model._last_hidden_plain(histories[:args.eval_batch_size])  # warm-up
-        with Timer(device) as timer:
-            for start in range(0, n_users, args.eval_batch_size):
-                model._last_hidden_plain(trim_history(histories[start:start + args.eval_batch_size]))
-    rate = n_users / timer.seconds
-    return row("bare backbone forward (no LoRA, no cache, no scorer)", f"{n_users} users", args.eval_batch_size,
-               f"{timer.seconds:.2f} s", per_second(rate, "users"), "-", peak_gib(device), seconds=timer.seconds,
-               users=n_users, users_per_second=rate)
+    timing = bare_backbone(model, data, args.eval_batch_size, device)
+    return row("bare backbone forward (no LoRA, no cache, no scorer)", f"{timing['users']} users",
+               args.eval_batch_size, f"{timing['seconds']:.2f} s", per_second(timing["users_per_second"], "users"),
+               "-", peak_gib(device), **{key: value for key, value in timing.items() if key != "what"})
 
 
 # ----------------------------------------------------------------------------------------------
