@@ -89,7 +89,7 @@ def cmd_tables(args) -> None:
     from . import tables
 
     tables.write_paper_tables(args.metrics, args.paper, args.out_dir, datasets=args.datasets,
-                              intervals_csv=args.intervals, significance_csv=args.significance)
+                              intervals_csv=args.intervals, significance_csv=args.significance, data_dir=args.data_dir)
 
 
 def cmd_significance(args) -> None:
@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="*", help="datasets in table order")
     p.add_argument("--intervals", help="bootstrap intervals CSV (from `e4srec significance`)")
     p.add_argument("--significance", help="significance CSV (from `e4srec significance`)")
+    p.add_argument("--data-dir", help="the prepared datasets' folder, for POP's recount in sampled_gaps "
+                                      "(default: 'data' beside --out-dir)")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_tables)
 
