@@ -87,9 +87,10 @@ def cmd_components_size(args) -> int:
 
 
 def cmd_serving(args) -> int:
-    from .deploy import read_components
+    from . import provenance
+    from .deploy import RECORD_FILE, read_components
     from .extensibility import measure_serving, serving_table
-    from .files import write_json, write_text
+    from .files import sha256_file, write_json, write_text
 
     components = {}
     for folder in args.components:
@@ -99,7 +100,9 @@ def cmd_serving(args) -> int:
         components[name] = folder
     result = measure_serving(args.backbone, components, rounds=args.rounds, seed=args.seed, device=args.device)
     out = Path(args.out)
-    write_json(out, result)
+    inputs = {name: {"dir": str(folder), "components_json_sha256": sha256_file(Path(folder) / RECORD_FILE)}
+              for name, folder in components.items()}
+    write_json(out, provenance.record(**result, inputs=inputs))
     write_text(out.with_suffix(".md"), serving_table(result))
     _print(result)
     return 0

@@ -379,6 +379,8 @@ def test_serving_measures_two_datasets_on_one_backbone(tiny, components, tmp_pat
                           "--components", str(components["B"][1]), "--out", str(out), "--rounds", "3"]) == 0
     result = json.loads(out.read_text())
     assert result["all_identical"] is True and list(result["datasets"]) == ["A", "B"]
+    assert {"command", "git", "machine", "date", "packages"} <= set(result)  # provenance
+    assert result["inputs"]["B"]["dir"] == str(components["B"][1])
     hidden = 32
     for name, n_items in (("A", N_ITEMS), ("B", 20)):
         added = result["datasets"][name]["added_bytes"]

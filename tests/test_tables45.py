@@ -84,6 +84,27 @@ def test_table4_quantities(tmp_path):
     assert paper["100 datasets on one backbone (x backbone)"] == 2.0
     assert ours["100 datasets, a tuned backbone each (x backbone)"] == pytest.approx(101.0)
     assert ours["components: adapter / projections / item table (MB)"] == "2 / 7 / 1"
+    # records that predate the token count, the peak memory and the bare backbone: empty cells
+    for quantity in ("training tokens per second, later epochs (median)", "peak memory in training (GiB)",
+                     "bare backbone forward, users per second", "E4SRec / bare backbone, s per instance"):
+        assert ours[quantity] is None
+    assert paper["bare backbone forward, s per instance"] == 0.21
+    assert paper["E4SRec / bare backbone, s per instance"] == pytest.approx(0.23 / 0.21)
+
+
+def test_table4_tokens_memory_and_bare_backbone(tmp_path):
+    record = e4srec_record()
+    for epoch in record["training"]["epochs"]:
+        epoch["tokens"] = 6000  # 500, 600 (median), 428.6 tokens/s after the first epoch
+    record["training"]["peak_memory_mb"] = 2048.0
+    record["evaluation"]["bare_backbone"] = {"seconds": 5.0, "users": 100, "users_per_second": 20.0}
+    write_run(tmp_path, record)
+    ours, _ = values(efficiency.table4(tmp_path, PAPER4))
+    assert ours["training tokens per second, later epochs (median)"] == pytest.approx(500.0)
+    assert ours["peak memory in training (GiB)"] == 2.0
+    assert ours["bare backbone forward, users per second"] == 20.0
+    assert ours["bare backbone forward, s per instance"] == pytest.approx(0.05)
+    assert ours["E4SRec / bare backbone, s per instance"] == pytest.approx(0.1 / 0.05)
 
 
 def test_table4_without_the_reference_baseline(tmp_path):
