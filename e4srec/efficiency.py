@@ -82,9 +82,9 @@ MB = 1e6
 TABLE4_TITLE = "Table 4: efficiency of E4SRec (default variant) from the run records"
 TABLE4_CAPTION = (
     "Epoch and evaluation times are wall clock as each run recorded it (run.json), not a benchmark: the "
-    "GPU may have been shared with other jobs. The committed H200 runs shared one GPU under CUDA MPS with "
-    "other training jobs (four E4SRec runs and up to six baseline runs at once), and CPU runs may have "
-    "shared their cores, so these times are upper bounds on the time the work needs. The first epoch also "
+    "GPU may have been shared with other jobs (each run's machine and date are in its run.json; "
+    "results/README.md says which runs shared a GPU), and CPU runs may have shared their cores, so these "
+    "times are upper bounds on the time the work needs. The first epoch also "
     "pays for compilation and warm-up. The evaluation pass ranks each user's validation and test items "
     "under three protocols; per ranked instance = seconds / (2 x users). The paper measured on one A800 "
     "with LLaMA2-13B in 8 bits; its ratios, not its seconds or gigabytes, are comparable with ours.")
