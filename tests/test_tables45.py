@@ -175,7 +175,7 @@ def test_cli_writes_tables_with_provenance(tmp_path):
         assert all((out / f"{table}{suffix}").is_file() for suffix in (".csv", ".md", ".tex"))
     used = json.loads((out / "table4.provenance.json").read_text())["runs"]
     assert {(u["run_record"], u["commit"]) for u in used} == {(str(e4srec_path), "a" * 40), (str(sasrec_path), "b" * 40)}
-    assert "CUDA MPS" in (out / "table4.md").read_text()
+    assert "may have been shared" in (out / "table4.md").read_text()  # the caption: times are upper bounds
     assert "| batch size" in (out / "table5.md").read_text()
 
 
