@@ -124,7 +124,8 @@ class E4SRecNoLLM(Recommender):
         mean = (self.item_embeddings(history) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B, 64]
         return self.input_proj(mean)
 
-    item_scores = E4SRec.item_scores  # [B, H] -> [B, N + 1] in float32
+    score_dtype = E4SRec.score_dtype  # float32 (float64 for a model turned to float64)
+    item_scores = E4SRec.item_scores  # [B, H] -> [B, N + 1] in score_dtype
     recommend = E4SRec.recommend  # checked histories -> top-k item ids
     pluggable_state = E4SRec.pluggable_state  # input_proj.weight/bias, item_scorer.weight
 

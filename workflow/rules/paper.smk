@@ -20,7 +20,7 @@ rule paper_tables:
         multiext(f"{OUT}/tables/sampled_gaps", ".md", ".provenance.json"),
     params:
         out_dir=lambda wildcards, output: Path(output[0]).parent,
-        data_dir=f"{OUT}/data",
+        data_dir=lambda wildcards, input: Path(input.data[0]).parent.parent,
         datasets=config["datasets"],
     log:
         f"{OUT}/logs/paper_tables.log",
