@@ -169,8 +169,8 @@ def later_epochs(run: RunRecord) -> list[dict]:
     epochs = run.get("training.epochs")
     if not epochs:
         raise InputError(f"{run.path}: key 'training.epochs' lists no epoch")
-    return [{key: run.get(f"training.epochs.{i}.{key}") for key in ("seconds", "examples", "tokens")
-             if key != "tokens" or run.has(f"training.epochs.{i}.tokens")}
+    return [{"seconds": run.get(f"training.epochs.{i}.seconds"), "examples": run.get(f"training.epochs.{i}.examples"),
+             "tokens": optional(run, f"training.epochs.{i}.tokens")}
             for i in range(1 if len(epochs) > 1 else 0, len(epochs))]
 
 
@@ -221,7 +221,7 @@ def efficiency_rows(run: RunRecord, reference: RunRecord | None, paper: dict[str
     eval_seconds = run.get("evaluation.seconds")
     paper_storage, paper_backbone = float(paper["storage_gb"]), float(paper["backbone_storage_gb"])
     per_instance = eval_seconds / (len(SPLITS) * users)
-    tokens = [epoch["tokens"] / epoch["seconds"] for epoch in later if "tokens" in epoch]
+    tokens = [epoch["tokens"] / epoch["seconds"] for epoch in later if epoch["tokens"] is not None]
     peak_mb = optional(run, "training.peak_memory_mb")
     bare = optional(run, "evaluation.bare_backbone")
     bare_per_instance = bare["seconds"] / bare["users"] if bare else None

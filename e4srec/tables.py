@@ -254,22 +254,21 @@ def write_baseline_gaps(table3: pd.DataFrame, out_stem: Path) -> pd.DataFrame:
     gaps = baseline_gaps(table3)
     cells = gap_cells(table3)
     n_cells = int(((cells.protocol == "full") & cells.paper_value.notna()).sum())
-    _write_gaps(gaps, out_stem, "Table 3 (HR@10, NDCG@10, full ranking)", n_cells, GAP_REASONS)
+    _write_gaps(gaps, out_stem, "Table 3", "HR@10, NDCG@10, full ranking", n_cells, GAP_REASONS)
     return gaps
 
 
-def _write_gaps(gaps: pd.DataFrame, out_stem: Path, cells: str, n_cells: int, reasons: dict[str, str],
+def _write_gaps(gaps: pd.DataFrame, out_stem: Path, table: str, scope: str, n_cells: int, reasons: dict[str, str],
                 notes: list[str] = ()) -> None:
     """``out_stem`` .csv, .md (the reasons with their counts, ``notes``, the cells) and .provenance.json."""
     counts = gaps.reason.value_counts()
     write_text(out_stem.with_suffix(".csv"), gaps.to_csv(index=False, float_format="%.4f"))
-    lines = [f"# Baseline cells of {cells} outside the tolerance", "",
+    lines = [f"# Baseline cells of {table} ({scope}) outside the tolerance", "",
              f"{len(gaps)} of {n_cells} cells. Reasons, tested in this order:", "",
              *[f"- {reason} ({counts.get(reason, 0)}): {text}" for reason, text in reasons.items()], "",
              *[line for note in notes for line in (note, "")],
              gaps.to_markdown(index=False, floatfmt=".4f") if len(gaps) else "(none)", ""]
     write_text(out_stem.with_suffix(".md"), "\n".join(lines))
-    table = cells.split(" (")[0]
     write_json(out_stem.with_suffix(".provenance.json"),
                provenance.record(table=f"baseline cells of {table} outside the tolerance, with reasons",
                                  reasons={reason: int(counts.get(reason, 0)) for reason in reasons}))
@@ -406,7 +405,7 @@ def write_sampled_gaps(table6: pd.DataFrame, out_stem: Path, metrics: pd.DataFra
                    & table6.paper_value.notna()).sum())
     missing = sorted(gaps[(gaps.model == "POP") & gaps.pop_all_counts_value.isna()].dataset.unique())
     notes = [f"POP's recount needs the prepared datasets (not committed); absent: {', '.join(missing)}."] if missing else []
-    _write_gaps(gaps, out_stem, "Table 6 (99 sampled negatives, all six metrics)", n_cells, SAMPLED_GAP_REASONS, notes)
+    _write_gaps(gaps, out_stem, "Table 6", "99 sampled negatives, all six metrics", n_cells, SAMPLED_GAP_REASONS, notes)
     return gaps
 
 
