@@ -27,7 +27,9 @@ step is bound by kernel launches and Python, not arithmetic):
   ``training="packed"`` reads each user's history once for all its targets: 29.6 s an epoch at 16
   users a batch and 14.5 s at 64, with length-grouped batches padded to widths 16, 32, ... max_len
   (a graph each). Eager training (the CPU, ``compile="never"``) pads each batch only to its own
-  longest history.
+  longest history. ``compile_scope="layers"`` compiles one decoder layer for all (regional
+  compilation, no CUDA graphs; with a prefix KV cache in the layers' inputs, as when the CPU shares
+  the prefix, each layer compiles its own graph since the cache is indexed by layer).
 - Scoring runs the instruction prefix once, with batch size 1, and gives its keys and values to
   every user as a KV cache, cached until a LoRA weight changes. ``scoring="packed"`` (the default)
   puts the users' history and response tokens back to back in rows of ``eval_row_tokens``, with no
@@ -95,6 +97,7 @@ PAPER_INSTRUCTION_PREFIX = (
 PAPER_RESPONSE_PREFIX = "\n### Response:\n"
 SHARE_PREFIX = ("auto", "always", "never")
 COMPILE = ("auto", "always", "never")
+COMPILE_SCOPE = ("step", "layers")
 TRAINING = ("examples", "packed")
 SCORING = ("packed", "padded")
 PACKED_MIN_WIDTH = 16  # packed compiled training: widths padded to 16, 32, ... max_len (few graphs)
@@ -285,6 +288,11 @@ class E4SRecConfig:
     # graph serves the run; CUDA graphs on a GPU: 22 vs 281 ms a step on an H200, after 1-2 min compiling):
     # "auto" (on a GPU with an unquantised backbone), "always", "never"
     compile: str = "auto"
+    # What is compiled. "step": the whole training loss as one graph per shape, with CUDA graphs on a GPU
+    # (fewest launches; each width bucket compiles the whole model again). "layers": regional compilation
+    # (accelerate's compile_regions): the decoder layer is compiled once and every layer reuses it, the
+    # rest runs eagerly, no CUDA graphs (a fraction of the compile time, more launches a step).
+    compile_scope: str = "step"
     # "examples": one prompt per (history, next item), as the paper and the official code train.
     # "packed": one prompt per user holding every target of the user's last max_len + 1 training items:
     # the history is read once and each target position gets its own copy of the response tokens,
@@ -311,6 +319,8 @@ class E4SRecConfig:
             raise InputError(f"E4SRecConfig.share_prefix: {self.share_prefix!r} is not one of {SHARE_PREFIX}")
         if self.compile not in COMPILE:
             raise InputError(f"E4SRecConfig.compile: {self.compile!r} is not one of {COMPILE}")
+        if self.compile_scope not in COMPILE_SCOPE:
+            raise InputError(f"E4SRecConfig.compile_scope: {self.compile_scope!r} is not one of {COMPILE_SCOPE}")
         if self.training not in TRAINING:
             raise InputError(f"E4SRecConfig.training: {self.training!r} is not one of {TRAINING}")
         if self.compile_scoring not in ("always", "never"):
@@ -379,7 +389,9 @@ class E4SRec(Recommender):
         self._lora_parameters = [p for name, p in backbone.named_parameters()
                                  if "lora_" in name and f".{adapter_name}." in name]
         self._prefix_cache: tuple[tuple, list] | None = None
-        self._compiled = None  # (compiled training loss, its batch size), built at the first compiled step
+        # (compiled training loss, its batch size, the regionally compiled backbone or None), built at the first
+        # compiled step
+        self._compiled = None
         self._compiled_scoring = None  # the compiled packed scoring pass (compile_scoring="always")
 
     @property
@@ -492,8 +504,9 @@ class E4SRec(Recommender):
         with self._autocast(), self.backbone.disable_adapter():
             return self._last_hidden_plain(trim_history(history))
 
-    def _last_hidden_plain(self, history: torch.Tensor) -> torch.Tensor:
-        """The straightforward path: the whole prompt for every user, no cache (the reference)."""
+    def _last_hidden_plain(self, history: torch.Tensor, backbone: nn.Module | None = None) -> torch.Tensor:
+        """The straightforward path: the whole prompt for every user, no cache (the reference).
+        ``backbone``: the one to run (the regionally compiled training copy), by default ``self.backbone``."""
         batch_size = history.shape[0]
         prefix = self._embed_tokens(self.prefix_ids)[None].expand(batch_size, -1, -1)
         response = self._embed_tokens(self.response_ids)[None].expand(batch_size, -1, -1)
@@ -502,8 +515,8 @@ class E4SRec(Recommender):
         attention_mask = torch.cat([ones.expand(-1, prefix.shape[1]), history > 0,
                                     ones.expand(-1, response.shape[1])], dim=1)
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        output = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False)
+        output = (backbone or self.backbone)(inputs_embeds=embeds, attention_mask=attention_mask,
+                                             position_ids=position_ids, use_cache=False)
         return output.last_hidden_state[:, self.read_position]
 
     @property
@@ -530,14 +543,16 @@ class E4SRec(Recommender):
         raise InputError(f"E4SRec training='packed' needs a custom attention mask: attention implementation "
                          f"{implementation!r} does not take one (load the backbone with sdpa or eager attention)")
 
-    def packed_hidden(self, inputs: torch.Tensor, share_prefix: bool | None = None) -> torch.Tensor:
+    def packed_hidden(self, inputs: torch.Tensor, share_prefix: bool | None = None,
+                      backbone: nn.Module | None = None) -> torch.Tensor:
         """[B, S] left-padded item ids -> [B, S, H]: at position j, the hidden state that the prompt
         of the history ``inputs[:, :j + 1]`` alone gives (its response's last token).
 
         One pass per user: [prefix (P)] [items (S)] [S copies of the response tokens (R each)].
         Response copy j attends to the prefix, the items up to j and its own earlier tokens; items
         attend causally to the prefix and earlier items; padding is never attended to. Positions are
-        those of copy j's own prompt (prefix 0..P-1, items P.., response right after item j)."""
+        those of copy j's own prompt (prefix 0..P-1, items P.., response right after item j).
+        ``backbone``: as in :meth:`_last_hidden_plain`."""
         self._activate()
         batch_size, width = inputs.shape
         prefix_len, response_len = self.prefix_ids.shape[0], self.response_ids.shape[0]
@@ -573,8 +588,9 @@ class E4SRec(Recommender):
                 position_ids = torch.cat([torch.arange(prefix_len, device=device)[None].expand(batch_size, -1),
                                           position_ids], dim=1)
                 extra = {"use_cache": False}
-            output = self.backbone(inputs_embeds=embeds, attention_mask=self._attention_mask_4d(allowed, embeds.dtype),
-                                   position_ids=position_ids, **extra)
+            output = (backbone or self.backbone)(
+                inputs_embeds=embeds, attention_mask=self._attention_mask_4d(allowed, embeds.dtype),
+                position_ids=position_ids, **extra)
             hidden = output.last_hidden_state[:, -width * response_len:]
             return hidden.reshape(batch_size, width, response_len, -1)[:, :, -1]  # [B, S, H]
 
@@ -591,14 +607,22 @@ class E4SRec(Recommender):
         scores = self.item_scores(hidden[keep])  # [pairs, N + 1]
         return F.cross_entropy(scores[:, 1:], targets[keep] - 1)
 
-    def _static_packed_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _static_packed_loss(self, inputs: torch.Tensor, targets: torch.Tensor,
+                            backbone: nn.Module | None = None) -> torch.Tensor:
         """:meth:`_packed_loss` on fixed shapes, no host sync (padding pairs ignored)."""
         keep = (inputs > 0) & (targets > 0)
-        scores = self.item_scores(self.packed_hidden(inputs))  # [B, S, N + 1]
+        scores = self.item_scores(self.packed_hidden(inputs, backbone=backbone))  # [B, S, N + 1]
         labels = torch.where(keep, targets - 1, torch.full_like(targets, -1))
         return F.cross_entropy(scores[..., 1:].flatten(0, 1), labels.flatten(), ignore_index=-1)
 
     # -- the recommender interface --------------------------------------------------------------
+
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> float:
+        """Packed: the (history, next item) pairs the loss averages over; examples: the examples."""
+        if "sequence" in batch:
+            sequence = batch["sequence"]
+            return int(((sequence[:, :-1] > 0) & (sequence[:, 1:] > 0)).sum())
+        return len(batch["user"])
 
     def calculate_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "sequence" in batch:  # training="packed"
@@ -613,23 +637,33 @@ class E4SRec(Recommender):
         mode = self.config.compile
         return mode == "always" or (mode == "auto" and device.type == "cuda" and self.config.load_in == "none")
 
-    def _static_loss(self, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _static_loss(self, history: torch.Tensor, target: torch.Tensor,
+                     backbone: nn.Module | None = None) -> torch.Tensor:
         """The loss on untrimmed [B, max_len] histories with a per-user prefix: fixed shapes, no host
         sync. Rows with target 0 are padding (all-padding history) and left out of the mean."""
-        scores = self.item_scores(self._last_hidden_plain(history))
+        scores = self.item_scores(self._last_hidden_plain(history, backbone))
         return F.cross_entropy(scores[:, 1:], target - 1, ignore_index=-1)
 
     def _compiled_loss(self, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The compiled :meth:`_static_loss` (or, for packed windows, :meth:`_static_packed_loss`); a
         smaller batch (an epoch's last) is padded to the first batch's size so that it reuses the graph
         instead of compiling another. Packed windows are cut to the width bucket of their longest
-        (:func:`packed_width`: a few graphs instead of one per width, or all at max_len)."""
+        (:func:`packed_width`: a few graphs instead of one per width, or all at max_len).
+
+        ``compile_scope="layers"``: the loss runs eagerly on a regionally compiled copy of the backbone
+        (its modules and weights are the backbone's own; the copy is used by training steps only, so
+        scoring never triggers a compile)."""
         packed = target.ndim == 2
         if self._compiled is None:
-            mode = "reduce-overhead" if history.device.type == "cuda" else None  # CUDA graphs
             function = self._static_packed_loss if packed else self._static_loss
-            self._compiled = (torch.compile(function, dynamic=False, mode=mode), history.shape[0])
-        compiled, size = self._compiled
+            if self.config.compile_scope == "layers":
+                from accelerate.utils import compile_regions
+
+                self._compiled = (function, history.shape[0], compile_regions(self.backbone, dynamic=False))
+            else:
+                mode = "reduce-overhead" if history.device.type == "cuda" else None  # CUDA graphs
+                self._compiled = (torch.compile(function, dynamic=False, mode=mode), history.shape[0], None)
+        compiled, size, regions = self._compiled
         missing = size - history.shape[0]
         if missing > 0:
             history = torch.cat([history, history.new_zeros(missing, *history.shape[1:])])
@@ -639,7 +673,7 @@ class E4SRec(Recommender):
             history, target = history[:, -width:], target[:, -width:]
         self._activate()
         with self._autocast():
-            return compiled(history, target)
+            return compiled(history, target, regions)
 
     def full_sort_predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, N + 1] scores; column 0 (padding) is -inf."""

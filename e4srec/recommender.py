@@ -48,6 +48,12 @@ class Recommender(nn.Module):
     def calculate_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> float:
+        """How many terms the loss on ``batch`` is the mean of: its users, unless a model says otherwise.
+        The trainer weights the slices of a batch split across processes (DDP) or micro-batches by it, so
+        that their gradients add up to the whole batch's mean loss (exactly when this count is right)."""
+        return len(batch["user"])
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss: ``forward`` so that distributed wrappers synchronise gradients."""
         return self.calculate_loss(batch)

@@ -104,8 +104,13 @@ def out_of_memory_message(config: TrainConfig, epoch: int, step: int, device, er
             f"(E4SRec params). CUDA said: {first_line}")
 
 
-def shard_batch(batch: dict, rank: int, world: int) -> tuple[dict, float]:
-    """This process's contiguous slice of a global batch and its share of the batch's rows.
+def batch_rows(batch: dict) -> int:
+    return len(batch["user"])
+
+
+def shard_batch(batch: dict, rank: int, world: int, terms=batch_rows) -> tuple[dict, float]:
+    """This process's contiguous slice of a global batch and its share of the batch's loss terms
+    (``terms(batch)``, a model's :meth:`~e4srec.recommender.Recommender.loss_terms`; default: rows).
 
     Under several processes (DDP) every process draws the same global batches and takes its own slice,
     so the global batch, the optimizer steps and the schedule are those of one process. Slices are as
@@ -119,20 +124,23 @@ def shard_batch(batch: dict, rank: int, world: int) -> tuple[dict, float]:
     stop = start + base + (rank < extra)
     if stop == start:
         return {key: value[:1] for key, value in batch.items()}, 0.0
-    part = batch if (start, stop) == (0, size) else {key: value[start:stop] for key, value in batch.items()}
-    return part, (stop - start) / size
+    if (start, stop) == (0, size):
+        return batch, 1.0
+    part = {key: value[start:stop] for key, value in batch.items()}
+    return part, terms(part) / terms(batch)
 
 
 def accumulate_gradients(model, batch: dict, share: float, micro_batches: int, accelerator, optimizer,
-                         epoch: int, step: int, index: int, sync: bool = True) -> float:
+                         epoch: int, step: int, index: int, sync: bool = True, terms=batch_rows) -> float:
     """Forward and backward of this process's ``batch``, its ``share`` of the global batch; returns its
     part of the global batch's mean loss (the processes' parts add up to it).
 
     With ``micro_batches`` > 1 the batch goes through in that many slices whose gradients add up
-    (gradient accumulation). Every loss is weighted by its slice's share of the global batch, times the
-    number of processes since DDP averages their gradients: together the gradient of the global batch's
-    mean loss for losses that average over the batch's users, an approximation of it for losses
-    averaged over positions or using in-batch negatives. DDP all-reduces the gradients during the last
+    (gradient accumulation). Every loss is weighted by its slice's share of the global batch's loss
+    terms (the model's ``loss_terms``), times the number of processes since DDP averages their
+    gradients: together the gradient of the global batch's mean loss where ``loss_terms`` counts what
+    the loss averages over (users by default; E4SRec's packed pairs), an approximation of it otherwise
+    (losses averaged over positions, in-batch negatives). DDP all-reduces the gradients during the last
     slice's backward; with ``sync`` False no slice does (the caller reduces them, see
     :func:`_all_reduce_gradients`)."""
     size = len(batch["user"])
@@ -150,7 +158,7 @@ def accumulate_gradients(model, batch: dict, share: float, micro_batches: int, a
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step} "
                                          f"(batch {index}, users {part['user'][:8].tolist()}...): "
                                          "lower the learning rate")
-            weight = len(part["user"]) / size * share
+            weight = share if part is batch else terms(part) / terms(batch) * share
             accelerator.backward(loss if weight * world == 1 else loss * (weight * world))
         total += loss.item() * weight
     return total
@@ -428,12 +436,12 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
         for index, batch in enumerate(bar):
             if index >= n_batches:
                 break
-            shard, share = shard_batch(batch, rank, world)  # the whole batch on one process
+            shard, share = shard_batch(batch, rank, world, raw_model.loss_terms)  # one process: the whole batch
             while True:
                 cuda_said = None
                 try:
                     loss = accumulate_gradients(model, shard, share, micro_batches, accelerator, optimizer, epoch,
-                                                state["step"], index, sync=not deferred)
+                                                state["step"], index, sync=not deferred, terms=raw_model.loss_terms)
                 except torch.cuda.OutOfMemoryError as err:
                     if not config.oom_retry or micro_batches >= len(shard["user"]):
                         raise RuntimeError(out_of_memory_message(config, epoch, state["step"], device, err,

@@ -53,11 +53,11 @@ from e4srec import cli, trainer
 rank, kill_at, steps = int(os.environ["RANK"]), int(os.environ.get("KILL_AT_STEP", 0)), [0]
 shard_batch, calculate_loss, failures = trainer.shard_batch, SASRec.calculate_loss, [int(os.environ.get("OOM_ONCE", 0))]
 
-def counting_shard_batch(batch, rank_, world):
+def counting_shard_batch(batch, rank_, world, *terms):
     steps[0] += 1
     if rank == 0 and steps[0] == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
-    return shard_batch(batch, rank_, world)
+    return shard_batch(batch, rank_, world, *terms)
 
 def failing_loss(self, batch):
     if rank == 1 and failures[0] and len(batch["user"]) > 2:
@@ -173,14 +173,18 @@ def test_killed_run_resumes_under_two_processes(sasrec, tmp_path):
     assert_same_run(record, sasrec["reference"])
 
 
-def test_e4srec_under_accelerate_launch(tmp_path):
-    """E4SRec (tiny LLaMA, LoRA) through the rules' `accelerate launch ... -m e4srec.cli train`."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-layers"])
+def test_e4srec_under_accelerate_launch(tmp_path, compiled):
+    """E4SRec (tiny LLaMA, LoRA) through the rules' `accelerate launch ... -m e4srec.cli train`; also
+    packed and regionally compiled, as the GPU runs train (each process compiles its own copy)."""
     from tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
 
     backbone = write_tiny_backbone(tmp_path / "backbone")
     table = write_item_embeddings(tmp_path / "items.safetensors", 30)
     dataset_dir = write_tiny_dataset(tmp_path / "data" / "tiny", n_users=12, n_items=30)
     params = {"lora_r": 4, "lora_dropout": 0.0}
+    if compiled:
+        params.update(training="packed", compile="always", compile_scope="layers", share_prefix="never")
     train = {"epochs": 2, "batch_size": 7, "max_steps_per_epoch": 4, "learning_rate": 1e-3, "eval_batch_size": 16,
              "device": "cpu"}
     context = {"backbone_dir": backbone, "item_embeddings": table}
@@ -195,3 +199,13 @@ def test_e4srec_under_accelerate_launch(tmp_path):
     assert record["training"]["world_size"] == 2 and record["training"]["distributed_type"] == "MULTI_CPU"
     assert (out / "components").is_dir()
     assert_same_run(record, json.loads(json.dumps(reference, default=str)))
+
+
+def test_shard_batch_shares_follow_the_loss_terms():
+    """With a model's loss_terms (E4SRec packed: pairs), each slice's share is its part of the terms, so a
+    slice of long histories weighs more than one of short ones."""
+    batch = {"user": torch.arange(4), "history": torch.tensor([[0, 0, 1], [0, 2, 3], [4, 5, 6], [7, 8, 9]])}
+    terms = lambda part: int((part["history"] > 0).sum())  # noqa: E731
+    shares = [shard_batch(batch, rank, 2, terms)[1] for rank in range(2)]
+    assert shares == [pytest.approx(3 / 9), pytest.approx(6 / 9)]
+    assert shard_batch(batch, 0, 1, terms) == (batch, 1.0)

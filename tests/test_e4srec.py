@@ -135,8 +135,8 @@ def test_encoder_cannot_pack():
         E4SRecEncoder(N_ITEMS, 5, 50, EncoderConfig(scoring="packed"), item_embeddings=torch.zeros(N_ITEMS + 1, 64))
 
 
-def assert_compiled_equals_eager(model, batches) -> None:
-    """Loss and gradients of each batch: eager first, then compiled (``compile="always"``)."""
+def assert_compiled_equals_eager(model, batches, scope: str = "step") -> None:
+    """Loss and gradients of each batch: eager first, then compiled (``compile="always"``, ``scope``)."""
     def step(batch):
         model.zero_grad()
         loss = model.calculate_loss(batch)
@@ -144,7 +144,7 @@ def assert_compiled_equals_eager(model, batches) -> None:
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     eager = [step(batch) for batch in batches]
-    model.config.compile = "always"
+    model.config.compile, model.config.compile_scope = "always", scope
     compiled = [step(batch) for batch in batches]
     for (loss_e, grads_e), (loss_c, grads_c) in zip(eager, compiled):
         torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
@@ -152,14 +152,33 @@ def assert_compiled_equals_eager(model, batches) -> None:
             torch.testing.assert_close(grad_c, grad_e, atol=1e-5, rtol=1e-4)
 
 
-def test_compiled_loss_equals_eager(tiny):
-    model = build(tiny, lora_dropout=0.0, compile="never")
+def assert_regions_compiled(model, shapes: int) -> None:
+    """compile_scope="layers": every decoder layer of the training copy is compiled, on the backbone's own
+    weights, and all layers share one graph per input shape; the backbone itself (scoring, saving) is not."""
+    from torch._dynamo.eval_frame import OptimizedModule, _debug_get_cache_entry_list
+
+    regions = model._compiled[2]
+    copies, layers = regions.get_base_model().layers, model.backbone.get_base_model().layers
+    assert len(layers) > 1
+    assert all(isinstance(copy, OptimizedModule) and copy._orig_mod is layer for copy, layer in zip(copies, layers))
+    assert not any(isinstance(layer, OptimizedModule) for layer in layers)
+    assert not any("_orig_mod" in name for name in model.state_dict())
+    assert len(_debug_get_cache_entry_list(type(layers[0]).forward.__code__)) == shapes
+
+
+@pytest.mark.parametrize("scope", ["step", "layers"])
+def test_compiled_loss_equals_eager(tiny, scope):
+    torch._dynamo.reset()
+    # the layers share a graph unless a prefix KV cache (indexed by layer) goes in: the CPU shares it by default
+    model = build(tiny, lora_dropout=0.0, compile="never", share_prefix="never" if scope == "layers" else "auto")
     model.train()
     padded = torch.nn.functional.pad(HISTORIES, (44, 0))  # [4, 50], as the trainer sends them
     batches = [{"history": padded, "target": torch.tensor([1, 2, 3, 4])},
                {"history": padded[:3], "target": torch.tensor([5, 6, 7])}]  # an epoch's smaller last batch
-    assert_compiled_equals_eager(model, batches)
+    assert_compiled_equals_eager(model, batches, scope)
     assert model._compiled[1] == 4  # one graph: the smaller batch was padded to it
+    if scope == "layers":
+        assert_regions_compiled(model, shapes=1)
 
 
 WINDOWS = torch.tensor([[0, 0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7], [0, 0, 0, 0, 0, 7, 8], [0, 9, 8, 7, 6, 5, 4]])
@@ -210,14 +229,19 @@ def test_packed_loss_and_gradients_equal_examples(tiny):
         torch.testing.assert_close(grad, results[1][1][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_packed_compiled_loss_equals_eager(tiny):
+@pytest.mark.parametrize("scope", ["step", "layers"])
+def test_packed_compiled_loss_equals_eager(tiny, scope):
     """The compiled packed loss (widths padded to 16, 32, ...; a smaller last batch padded) = eager."""
-    model = build(tiny, lora_dropout=0.0, training="packed", compile="never")
+    torch._dynamo.reset()
+    model = build(tiny, lora_dropout=0.0, training="packed", compile="never",
+                  share_prefix="never" if scope == "layers" else "auto")
     model.train()
     windows = torch.nn.functional.pad(WINDOWS, (44, 0))  # [4, 51], as the trainer sends them
     batches = [{"sequence": windows}, {"sequence": windows[2:]}]  # widths 6 and 5 -> one bucket of 16
-    assert_compiled_equals_eager(model, batches)
+    assert_compiled_equals_eager(model, batches, scope)
     assert model._compiled[1] == 4
+    if scope == "layers":
+        assert_regions_compiled(model, shapes=1)
 
 
 def test_packed_width_buckets():
