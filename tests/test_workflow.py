@@ -128,3 +128,24 @@ def test_variant_train_settings_and_ablation_seeds(tmp_path):
                for c in default)
     ablations = {re.search(r"--seed (\d+)", c).group(1) for c in commands if "--variant no-llm" in c}
     assert ablations == {"0", "1"}
+
+
+def test_paper_profiles_plan_valid_e4srec_parameters(tmp_path):
+    """The paper profile, alone and with the GPU-session overlay: every planned E4SRec run's parameters
+    build its model's configuration (the BERT encoder's unpacked); the overlay packs and compiles by
+    layers (dry run)."""
+    from e4srec.runs import model_class
+
+    for overlay in ([], ["config/gpu-budget.yaml"]):
+        result = snakemake("-n", "-p", "--configfile", "config/config.yaml", *overlay, "--config",
+                           f"out={tmp_path}/results", f"resources={tmp_path}/resources")
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs = [command for _, _, command in planned_training_jobs(result.stdout) if "--model E4SRec" in command]
+        assert len(runs) == 4 * 3 + 4 * 4 * 3  # four datasets: three seeds, four ablations with three seeds
+        for command in runs:
+            variant = re.search(r"--variant (\S+)", command).group(1)
+            params = json.loads(re.search(r"--params '(.*?)'", command).group(1))
+            config = model_class("E4SRec", variant).config_class(**params)
+            if overlay:
+                assert config.compile_scope == "layers"
+                assert config.training == ("examples" if variant == "bert-encoder" else "packed")
