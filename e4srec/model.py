@@ -20,7 +20,8 @@ Only ``input_proj``, ``item_scorer`` and the LoRA weights train; with the frozen
 Speed (measured on an H200 with the 135M backbone, bf16, Beauty; tests/benchmarks/RESULTS.md; a
 step is bound by kernel launches and Python, not arithmetic):
 
-- Training is compiled on a GPU (``compile="auto"``, CUDA graphs; 1.5 to 2 minutes of compiling):
+- Training is compiled on a GPU (``compile="auto"``, CUDA graphs; about 2 minutes of compiling for
+  one prompt per example, 7 for packed training's four width buckets):
   one prompt per example (``training="examples"``, the paper) at batch 16 takes 19.5 ms a step, a
   156 s epoch (eager: 198 ms, 1,583 s). Histories stay padded to ``max_len`` and an epoch's smaller
   last batch is padded to the first batch's size (padding rows leave the loss), so one graph serves.
@@ -285,13 +286,14 @@ class E4SRecConfig:
     # "always", "never"
     share_prefix: str = "auto"
     # torch.compile the training loss (histories padded to max_len, batches to the first batch's size, so one
-    # graph serves the run; CUDA graphs on a GPU: 22 vs 281 ms a step on an H200, after 1-2 min compiling):
+    # graph serves the run; CUDA graphs on a GPU: 22 vs 281 ms a step on an H200, after 2 to 7 min compiling):
     # "auto" (on a GPU with an unquantised backbone), "always", "never"
     compile: str = "auto"
     # What is compiled. "step": the whole training loss as one graph per shape, with CUDA graphs on a GPU
     # (fewest launches; each width bucket compiles the whole model again). "layers": regional compilation
     # (accelerate's compile_regions): the decoder layer is compiled once and every layer reuses it, the
-    # rest runs eagerly, no CUDA graphs (a fraction of the compile time, more launches a step).
+    # rest runs eagerly, no CUDA graphs. Beauty, 64 users a batch, one H200: 70 s of compiling instead of
+    # 413 s, then 33.6 s an epoch instead of 16.5 to 18.4 s, so "layers" wins for runs under about 20 epochs.
     compile_scope: str = "step"
     # "examples": one prompt per (history, next item), as the paper and the official code train.
     # "packed": one prompt per user holding every target of the user's last max_len + 1 training items:
