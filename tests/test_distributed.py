@@ -6,7 +6,8 @@ so a two-process run of a model without randomness in its loss (SASRec with the 
 dropout; E4SRec with LoRA dropout off) follows a one-process run of the same seed up to float
 rounding: the same per-epoch loss, validation and test metrics and item table. Every user here has a
 full training window, so SASRec's loss, a mean over positions, is also a mean over users and the
-slices' weighting is exact. The batches (29 rows in batches of 7) give the processes unequal slices
+slices' weighting is exact; E4SRec packed (compiled by layers) weights its slices by their
+(history, next item) pairs, which is exact too. The batches (29 rows in batches of 7) give the processes unequal slices
 (4 and 3 rows) and a last batch of one row, where the second process runs a zero-weighted step. The
 main process alone writes the run folder; a run killed mid-epoch resumes from its last checkpoint
 under two processes and ends where the uninterrupted one does, and an out-of-memory step on one
