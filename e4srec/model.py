@@ -222,6 +222,11 @@ def pack_rows(tokens: np.ndarray, row_tokens: int) -> tuple[np.ndarray, np.ndarr
     return rows, starts, width
 
 
+def packed_pairs(sequence: torch.Tensor) -> torch.Tensor:
+    """Windows [B, max_len + 1] -> [B, max_len] booleans: position j holds a (history, next item) pair."""
+    return (sequence[:, :-1] > 0) & (sequence[:, 1:] > 0)
+
+
 def packed_width(longest: int, max_len: int) -> int:
     """The width a packed batch is padded to under compilation: 16, 32, 64, ... capped at ``max_len``."""
     width = PACKED_MIN_WIDTH
@@ -473,7 +478,7 @@ class E4SRec(Recommender):
         prefix, response = (0 if share else self.prefix_ids.shape[0]), self.response_ids.shape[0]
         if "sequence" in batch:  # packed: each (position, next item) pair is an item and a response copy
             sequence = batch["sequence"]
-            pairs = ((sequence[:, :-1] > 0) & (sequence[:, 1:] > 0)).sum()
+            pairs = packed_pairs(sequence).sum()
             return pairs * (1 + response) + prefix * sequence.shape[0]
         return (batch["history"] > 0).sum() + batch["history"].shape[0] * (prefix + response)
 
@@ -622,8 +627,7 @@ class E4SRec(Recommender):
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> float:
         """Packed: the (history, next item) pairs the loss averages over; examples: the examples."""
         if "sequence" in batch:
-            sequence = batch["sequence"]
-            return int(((sequence[:, :-1] > 0) & (sequence[:, 1:] > 0)).sum())
+            return int(packed_pairs(batch["sequence"]).sum())
         return len(batch["user"])
 
     def calculate_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

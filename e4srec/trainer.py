@@ -145,6 +145,7 @@ def accumulate_gradients(model, batch: dict, share: float, micro_batches: int, a
     :func:`_all_reduce_gradients`)."""
     size = len(batch["user"])
     chunk = math.ceil(size / max(micro_batches, 1))
+    whole = terms(batch) if chunk < size else None  # the slices' weights are their parts of it
     world = accelerator.num_processes
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
@@ -158,7 +159,7 @@ def accumulate_gradients(model, batch: dict, share: float, micro_batches: int, a
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step} "
                                          f"(batch {index}, users {part['user'][:8].tolist()}...): "
                                          "lower the learning rate")
-            weight = share if part is batch else terms(part) / terms(batch) * share
+            weight = share if part is batch else terms(part) / whole * share
             accelerator.backward(loss if weight * world == 1 else loss * (weight * world))
         total += loss.item() * weight
     return total
