@@ -624,6 +624,16 @@ class E4SRec(Recommender):
 
     # -- the recommender interface --------------------------------------------------------------
 
+    def trim_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Packed: the windows cut, on the host, to the batch's longest run of (history, next item)
+        pairs, so that the compiled step knows its width without asking the device."""
+        if "sequence" not in batch:
+            return batch
+        sequence = batch["sequence"]
+        pairs = ((sequence[:, :-1] > 0) & (sequence[:, 1:] > 0)).sum(axis=1)
+        width = max(int(pairs.max(initial=0)), 1)
+        return {**batch, "sequence": sequence[:, -(width + 1):]}
+
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> float:
         """Packed: the (history, next item) pairs the loss averages over; examples: the examples."""
         if "sequence" in batch:
@@ -653,8 +663,9 @@ class E4SRec(Recommender):
     def _compiled_loss(self, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The compiled :meth:`_static_loss` (or, for packed windows, :meth:`_static_packed_loss`); a
         smaller batch (an epoch's last) is padded to the first batch's size so that it reuses the graph
-        instead of compiling another. Packed windows are cut to the width bucket of their longest
-        (:func:`packed_width`: a few graphs instead of one per width, or all at max_len).
+        instead of compiling another. Packed windows, which the trainer cut to their longest run of
+        pairs on the host (:meth:`trim_batch`), are padded to that width's bucket (:func:`packed_width`:
+        a few graphs instead of one per width); the step makes no host sync.
 
         ``compile_scope="layers"``: the loss runs eagerly on a regionally compiled copy of the backbone
         (its modules and weights are the backbone's own; the copy is used by training steps only, so
@@ -674,9 +685,9 @@ class E4SRec(Recommender):
         if missing > 0:
             history = torch.cat([history, history.new_zeros(missing, *history.shape[1:])])
             target = torch.cat([target, target.new_zeros(missing, *target.shape[1:])])
-        if packed:
-            width = packed_width(int(((history > 0) & (target > 0)).sum(dim=1).max()), history.shape[1])
-            history, target = history[:, -width:], target[:, -width:]
+        if packed:  # left-padded to the width bucket; the width is the host's (see trim_batch): no sync
+            missing = max(packed_width(history.shape[1], self.max_len) - history.shape[1], 0)
+            history, target = F.pad(history, (missing, 0)), F.pad(target, (missing, 0))
         self._activate()
         with self._autocast():
             return compiled(history, target, regions)

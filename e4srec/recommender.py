@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,6 +45,11 @@ class Recommender(nn.Module):
 
     def on_epoch_start(self, data: SequenceData, epoch: int) -> None:
         """Optional per-epoch work before the epoch's steps (ICLRec's intent clustering)."""
+
+    def trim_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A training batch on the host, before it goes to the device: a model may cut padding here
+        that it would otherwise have to find on the device (a host sync every step). Default: as is."""
+        return batch
 
     def calculate_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError

@@ -131,9 +131,10 @@ def shard_batch(batch: dict, rank: int, world: int, terms=batch_rows) -> tuple[d
 
 
 def accumulate_gradients(model, batch: dict, share: float, micro_batches: int, accelerator, optimizer,
-                         epoch: int, step: int, index: int, sync: bool = True, terms=batch_rows) -> float:
+                         sync: bool = True, terms=batch_rows) -> torch.Tensor:
     """Forward and backward of this process's ``batch``, its ``share`` of the global batch; returns its
-    part of the global batch's mean loss (the processes' parts add up to it).
+    part of the global batch's mean loss (the processes' parts add up to it), a detached 0-dim tensor
+    on the device: nothing here waits for the GPU (:class:`StepLosses` checks the losses).
 
     With ``micro_batches`` > 1 the batch goes through in that many slices whose gradients add up
     (gradient accumulation). Every loss is weighted by its slice's share of the global batch's loss
@@ -148,21 +149,48 @@ def accumulate_gradients(model, batch: dict, share: float, micro_batches: int, a
     whole = terms(batch) if chunk < size else None  # the slices' weights are their parts of it
     world = accelerator.num_processes
     optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    total = None
     for start in range(0, size, chunk):
         part = batch if chunk >= size else {key: value[start:start + chunk] for key, value in batch.items()}
         last = start + chunk >= size
         with nullcontext() if sync and last else accelerator.no_sync(model):
             with accelerator.autocast():
                 loss = model(part)  # Recommender.forward is calculate_loss (so DDP wrappers sync)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step} "
-                                         f"(batch {index}, users {part['user'][:8].tolist()}...): "
-                                         "lower the learning rate")
             weight = share if part is batch else terms(part) / whole * share
             accelerator.backward(loss if weight * world == 1 else loss * (weight * world))
-        total += loss.item() * weight
+        weighted = loss.detach().float() * weight
+        total = weighted if total is None else total + weighted
     return total
+
+
+LOSS_CHECK_STEPS = 50  # steps between the host syncs that read the losses back
+
+
+class StepLosses:
+    """An epoch's step losses, kept on the device and read back every :data:`LOSS_CHECK_STEPS` steps
+    and at the end of the epoch (one host sync each, instead of one a step, so that the host queues
+    the next steps while the GPU runs). A NaN or infinite loss raises, naming its epoch, step, batch
+    and first users; it is found at most that many steps late, always before the epoch is committed."""
+
+    def __init__(self, epoch: int):
+        self.epoch, self.total, self.pending = epoch, 0.0, []
+
+    def add(self, loss: torch.Tensor, step: int, index: int, users: torch.Tensor) -> None:
+        self.pending.append((loss, step, index, users[:8]))
+        if len(self.pending) >= LOSS_CHECK_STEPS:
+            self.check()
+
+    def check(self) -> float:
+        """Read the pending losses back (raising on a non-finite one); the epoch's sum so far."""
+        if self.pending:
+            values = torch.stack([loss for loss, *_ in self.pending]).tolist()
+            for value, (_, step, index, users) in zip(values, self.pending):
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"loss is {value} at epoch {self.epoch}, step {step} "
+                                             f"(batch {index}, users {users.tolist()}...): lower the learning rate")
+            self.total += sum(values)
+            self.pending.clear()
+        return self.total
 
 
 def _out_of_memory_anywhere(accelerator, cuda_said: str | None) -> str | None:
@@ -267,10 +295,17 @@ def training_batches(model: Recommender, data: SequenceData, batch_size: int, se
         order = length_grouped(order, (padded > 0).sum(axis=1), batch_size, rng)
     n_batches = math.ceil(len(order) / batch_size)
 
+    pinned = torch.device(device).type == "cuda"  # page-locked: the copies need not wait for the GPU
+
+    def upload(array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        return (tensor.pin_memory() if pinned else tensor).to(device, non_blocking=pinned)
+
     def batches():
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
-            yield {key: torch.from_numpy(np.ascontiguousarray(value[index])).to(device) for key, value in arrays.items()}
+            batch = model.trim_batch({key: value[index] for key, value in arrays.items()})
+            yield {key: upload(value) for key, value in batch.items()}
 
     return n_batches, batches()
 
@@ -429,7 +464,7 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
         n_batches, batches = training_batches(raw_model, data, config.batch_size, config.seed, epoch, device,
                                               config.group_by_length)
         n_batches = min(n_batches, config.max_steps_per_epoch or n_batches)
-        started, total_loss, examples = time.perf_counter(), 0.0, 0
+        started, losses, examples = time.perf_counter(), StepLosses(epoch), 0
         count_tokens = getattr(raw_model, "backbone_tokens", None)  # LLM-based models: tokens per second
         tokens = torch.zeros((), dtype=torch.long, device=device)
         bar = tqdm(batches, total=n_batches, desc=f"{data.name} epoch {epoch}", disable=not (progress and main),
@@ -441,8 +476,8 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
             while True:
                 cuda_said = None
                 try:
-                    loss = accumulate_gradients(model, shard, share, micro_batches, accelerator, optimizer, epoch,
-                                                state["step"], index, sync=not deferred, terms=raw_model.loss_terms)
+                    loss = accumulate_gradients(model, shard, share, micro_batches, accelerator, optimizer,
+                                                sync=not deferred, terms=raw_model.loss_terms)
                 except torch.cuda.OutOfMemoryError as err:
                     if not config.oom_retry or micro_batches >= len(shard["user"]):
                         raise RuntimeError(out_of_memory_message(config, epoch, state["step"], device, err,
@@ -461,12 +496,14 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
                 accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            losses.add(loss, state["step"], index, batch["user"])
             state["step"] += 1
-            total_loss += loss
             examples += len(batch["user"])
             if count_tokens is not None:
                 tokens += count_tokens(batch)
-            bar.set_postfix(loss=f"{total_loss * world / (index + 1):.4f}")  # this process's slices, scaled
+            if not losses.pending:  # just read back: this process's slices, scaled
+                bar.set_postfix(loss=f"{losses.total * world / (index + 1):.4f}")
+        total_loss = losses.check()  # waits for the epoch's last step
         seconds = time.perf_counter() - started
         valid = validation_ndcg10(raw_model, data, config, device)
         if world > 1:  # the global batches' mean loss; every process keeps the main one's validation

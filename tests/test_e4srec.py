@@ -236,12 +236,28 @@ def test_packed_compiled_loss_equals_eager(tiny, scope):
     model = build(tiny, lora_dropout=0.0, training="packed", compile="never",
                   share_prefix="never" if scope == "layers" else "auto")
     model.train()
-    windows = torch.nn.functional.pad(WINDOWS, (44, 0))  # [4, 51], as the trainer sends them
-    batches = [{"sequence": windows}, {"sequence": windows[2:]}]  # widths 6 and 5 -> one bucket of 16
+    windows = torch.nn.functional.pad(WINDOWS, (44, 0)).numpy()  # [4, 51] as drawn, cut as the trainer cuts them
+    batches = [{key: torch.from_numpy(value) for key, value in model.trim_batch({"sequence": rows}).items()}
+               for rows in (windows, windows[2:])]
+    assert [batch["sequence"].shape[1] for batch in batches] == [7, 6]  # 6 and 5 pairs -> one bucket of 16
     assert_compiled_equals_eager(model, batches, scope)
     assert model._compiled[1] == 4
     if scope == "layers":
         assert_regions_compiled(model, shapes=1)
+
+
+def test_trim_batch_cuts_packed_windows_to_their_longest_run_of_pairs(tiny):
+    model = build(tiny, training="packed")
+    windows = torch.nn.functional.pad(WINDOWS, (44, 0)).numpy()  # [4, 51]
+    users = np.arange(4)
+    trimmed = model.trim_batch({"user": users, "sequence": windows[2:]})  # rows of 2 and 6 items: 5 pairs
+    assert trimmed["user"] is users and trimmed["sequence"].tolist() == WINDOWS[2:, 1:].tolist()
+    assert model.trim_batch({"user": users, "sequence": windows})["sequence"].tolist() == WINDOWS.tolist()
+    lone = np.zeros((1, 51), dtype=np.int64)
+    lone[0, -1] = 3  # one item: no pair, one column kept beside it
+    assert model.trim_batch({"user": users[:1], "sequence": lone})["sequence"].tolist() == [[0, 3]]
+    examples = {"user": users, "history": windows[:, :-1], "target": windows[:, -1]}
+    assert build(tiny).trim_batch(examples) is examples  # examples keep max_len (one compiled shape)
 
 
 def test_packed_width_buckets():
