@@ -69,19 +69,32 @@ def test_sampled_gaps_give_each_missed_cell_its_first_reason(tmp_path):
             cell("BERT4Rec", "HR", 0.40, 0.45),  # lower on average, one seed within tolerance
             cell("SASRec", "HR", 0.40, 0.50), cell("SASRec", "HR", 0.30, None, "long"),  # long further: no reason
             cell("E4SRec", "HR", 0.40, 0.80),
-            *[cell("Caser", m, 2 * v, v, dataset="Other", k=k) for (m, k), v in inconsistent.items()]]
+            *[cell("Caser", m, 2 * v, v, dataset="Other", k=k) for (m, k), v in inconsistent.items()],
+            # Third (no POP row): S3-Rec higher at HR@1 only, its MRR and NDCG@10 within tolerance; ICLRec higher
+            # in HR@1 and MRR, and (table3 below) in the full ranking too; BPR higher in HR@1 and MRR alone
+            *[cell(model, "HR", 0.30, 0.20, dataset="Third", k=1) for model in ("S3-Rec", "ICLRec", "BPR")],
+            cell("S3-Rec", "MRR", 0.30, 0.29, dataset="Third", k=None), cell("S3-Rec", "NDCG", 0.40, 0.39, dataset="Third"),
+            cell("ICLRec", "MRR", 0.40, 0.30, dataset="Third", k=None), cell("ICLRec", "NDCG", 0.40, 0.39, dataset="Third"),
+            cell("BPR", "MRR", 0.40, 0.30, dataset="Third", k=None), cell("BPR", "NDCG", 0.40, 0.39, dataset="Third")]
     metrics = pd.DataFrame(seed("GRU4Rec", [0.34, 0.40, 0.46]) + seed("Caser", [0.36, 0.40, 0.44])
                            + seed("BERT4Rec", [0.44, 0.38, 0.38]) + seed("SASRec", [0.39, 0.40, 0.41]))
     frame = pd.DataFrame(rows).astype({"k": "Int64"})
-    gaps = tables.sampled_gaps(frame, metrics, tiny_data(tmp_path))
+    full = pd.DataFrame([{**cell(model, metric, 0.06, 0.05, dataset="Third"), "protocol": "full"}
+                         for model in ("ICLRec", "BPR") for metric in ("HR", "NDCG")]).astype({"k": "Int64"})
+    full.loc[(full.model == "BPR") & (full.metric == "NDCG"), "relative_difference"] = 0.05  # BPR: one of the two
+    gaps = tables.sampled_gaps(frame, metrics, tiny_data(tmp_path), full)
     reasons = {(d, m, metric): r for d, m, metric, r in zip(gaps.dataset, gaps.model, gaps.metric, gaps.reason)}
     assert reasons == {
         ("Tiny", "POP", "HR@1"): "POP counts test items", ("Tiny", "GRU4Rec", "HR@10"): "loss",
         ("Tiny", "Caser", "HR@10"): "early stopping", ("Tiny", "BERT4Rec", "HR@10"): "seed spread",
         ("Tiny", "BPR", "HR@10"): "paper below POP", ("Tiny", "SASRec", "HR@10"): "unexplained",
-        **{("Other", "Caser", tables._metric_label(m, k)): "paper row inconsistent" for m, k in labels}}
+        **{("Other", "Caser", tables._metric_label(m, k)): "paper row inconsistent" for m, k in labels},
+        ("Third", "S3-Rec", "HR@1"): "head of the ranking",
+        ("Third", "ICLRec", "HR@1"): "stronger under both protocols", ("Third", "ICLRec", "MRR"): "stronger under both protocols",
+        ("Third", "BPR", "HR@1"): "unexplained", ("Third", "BPR", "MRR"): "unexplained"}
     assert list(tables.SAMPLED_GAP_REASONS)[:-1] == ["POP counts test items", "loss", "early stopping", "seed spread",
-                                                      "paper below POP", "paper row inconsistent"]
+                                                      "paper below POP", "paper row inconsistent", "head of the ranking",
+                                                      "stronger under both protocols"]
     bert = gaps.set_index(["dataset", "model", "metric"]).loc[("Tiny", "BERT4Rec", "HR@10")]
     assert bert.closest_seed_value == 0.44 and bert.paper_pop_value == 0.31 and pd.isna(bert.bce_value)
     # without per-seed metrics or prepared data, those two checks cannot pass
