@@ -92,7 +92,7 @@ def collation_data() -> SequenceData:
 def test_collate_sequences_epoch(benchmark, collation_data):
     """SASRec's epoch of [256, 51] sequence batches (the batches of every 'sequences' model)."""
     data = collation_data
-    model = types.SimpleNamespace(training_input="sequences")
+    model = types.SimpleNamespace(training_input="sequences", trim_batch=lambda batch: batch)  # as Recommender
 
     def epoch():
         n_batches, batches = training_batches(model, data, 256, seed=0, epoch=3, device="cpu")
@@ -111,7 +111,7 @@ def test_collate_sequences_epoch(benchmark, collation_data):
 def test_collate_examples_epoch(benchmark, collation_data):
     """E4SRec's epoch of batch-16 examples (history [16, 50], target [16]): one per training position."""
     data = collation_data
-    model = types.SimpleNamespace(training_input="examples")
+    model = types.SimpleNamespace(training_input="examples", trim_batch=lambda batch: batch)  # as Recommender
 
     def epoch():
         n_batches, batches = training_batches(model, data, 16, seed=0, epoch=3, device="cpu")
