@@ -57,6 +57,13 @@ def cmd_prepare(args) -> None:
     log.info("%s: %s", args.dataset, record["statistics"])
 
 
+def cmd_gpu_slot(args) -> int:
+    from .gpu_slots import run_on_gpus
+
+    command = args.run[1:] if args.run[:1] == ["--"] else args.run
+    return run_on_gpus(command, args.gpus, args.jobs_per_gpu, Path(args.lock_dir))
+
+
 def cmd_train(args) -> None:
     import torch
 
@@ -271,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="check every run's provenance, validation-based selection, split and negatives")
     p.add_argument("results", nargs="?", default="results/paper", help="results folder (default results/paper)")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("gpu-slot", help="run a command on GPUs of its own (jobs side by side on one machine)",
+                       description="Hold GPUS free GPU slots (at most JOBS_PER_GPU jobs share a GPU; file locks "
+                                   "under LOCK_DIR) and run COMMAND with CUDA_VISIBLE_DEVICES naming only those "
+                                   "GPUs; its exit status. Without a visible GPU, COMMAND runs as it is.")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the command needs (default 1)")
+    p.add_argument("--jobs-per-gpu", type=int, default=1, help="jobs that may share one GPU (default 1)")
+    from .gpu_slots import DEFAULT_LOCK_DIR
+
+    p.add_argument("--lock-dir", default=str(DEFAULT_LOCK_DIR), help=f"slot lock files (default {DEFAULT_LOCK_DIR})")
+    p.add_argument("run", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the command and its arguments")
+    p.set_defaults(func=cmd_gpu_slot)
 
     p = sub.add_parser("table2", help="Table 2, dataset statistics beside the paper's")
     p.add_argument("--records", nargs="+", required=True, help="dataset.json files")

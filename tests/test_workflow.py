@@ -90,20 +90,33 @@ def planned_training_jobs(stdout: str) -> list[tuple[str, str, str]]:
             for rule, body, command in jobs if rule in TRAINING_RULES]
 
 
-@pytest.mark.parametrize("gpus", [1, 2])
-def test_gpus_per_job_launches_data_parallel_training(tmp_path, gpus):
+@pytest.mark.parametrize("gpus, jobs_per_gpu", [(1, 1), (2, 1), (1, 3)])
+def test_gpus_per_job_launches_data_parallel_training(tmp_path, gpus, jobs_per_gpu):
     """gpus_per_job: N > 1 runs every training job through `accelerate launch` over N processes and asks
-    for N GPUs; 1 (the default) keeps the one-process `e4srec train` and one GPU (dry run)."""
+    for N GPUs; 1 (the default) keeps the one-process `e4srec train` and one GPU. Either way the job runs
+    under `e4srec gpu-slot`, which gives it GPUs of its own, at most jobs_per_gpu jobs a GPU (dry run)."""
     result = snakemake("-n", "-p", "--configfile", ".test/config.yaml", "--config", f"out={tmp_path}/results",
-                       f"resources={tmp_path}/resources", "device=cuda", f"gpus_per_job={gpus}")
+                       f"resources={tmp_path}/resources", "device=cuda", f"gpus_per_job={gpus}",
+                       f"jobs_per_gpu={jobs_per_gpu}")
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = planned_training_jobs(result.stdout)
     assert {rule for rule, _, _ in jobs} == TRAINING_RULES
+    slot = f"e4srec gpu-slot --gpus {gpus} --jobs-per-gpu {jobs_per_gpu} -- "
     launch = ("accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
               "--dynamo_backend no --main_process_port 0 -m e4srec.cli train --dataset-dir ")
     for rule, resources, command in jobs:
-        assert command.startswith(launch if gpus > 1 else "e4srec train --dataset-dir "), (rule, command)
+        assert command.startswith(slot + (launch if gpus > 1 else "e4srec train --dataset-dir ")), (rule, command)
         assert f"gpu={gpus}" in resources.split(", "), (rule, resources)
+    assert re.search(rf"^Shell command: {re.escape(slot.replace(f'--gpus {gpus}', '--gpus 1'))}e4srec instruct ",
+                     result.stdout, flags=re.M)
+
+
+def test_cpu_profiles_run_commands_as_they_are(tmp_path):
+    """With device: cpu no job goes through `e4srec gpu-slot` (dry run)."""
+    result = snakemake("-n", "-p", "--configfile", ".test/config.yaml", "--config", f"out={tmp_path}/results",
+                       f"resources={tmp_path}/resources")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "gpu-slot" not in result.stdout and "e4srec train --dataset-dir" in result.stdout
 
 
 def test_variant_train_settings_and_ablation_seeds(tmp_path):

@@ -142,13 +142,14 @@ if NEW_ITEMS:
         conda:
             "../envs/e4srec.yaml"
         shell:
-            "e4srec new-items --dataset-dir {params.dataset_dir} --backbone {input.backbone} --work-dir {output.work} "
-            "--out {output.json} --fraction {params.fraction} --selection-seed {params.selection_seed} "
-            "--seed {params.seed} --sasrec-seed {params.sasrec_seed} --sasrec-params '{params.sasrec_params}' "
-            "--sasrec-train-params '{params.sasrec_train_params}' --e4srec-params '{params.e4srec_params}' "
-            "--e4srec-train-params '{params.e4srec_train_params}' --extension '{params.extension}' "
-            "--full-run {params.full_run} --full-sasrec-run {params.sasrec_run} --ties {params.ties} "
-            "--threads {threads} > /dev/null 2> {log}"
+            on_gpus("e4srec new-items --dataset-dir {params.dataset_dir} --backbone {input.backbone} "
+                    "--work-dir {output.work} --out {output.json} --fraction {params.fraction} "
+                    "--selection-seed {params.selection_seed} --seed {params.seed} --sasrec-seed {params.sasrec_seed} "
+                    "--sasrec-params '{params.sasrec_params}' --sasrec-train-params '{params.sasrec_train_params}' "
+                    "--e4srec-params '{params.e4srec_params}' --e4srec-train-params '{params.e4srec_train_params}' "
+                    "--extension '{params.extension}' --full-run {params.full_run} "
+                    "--full-sasrec-run {params.sasrec_run} --ties {params.ties} --threads {threads}",
+                    1 if config["device"] != "cpu" else 0) + " > /dev/null 2> {log}"
 
 
 rule analysis:

@@ -11,9 +11,20 @@ RES = config["resources"]
 # GPUs of a training job, one process each; more than one: data-parallel (DDP) through accelerate,
 # the global batch unchanged (README, "Several GPUs (DDP)"). One: `e4srec train` as a single process.
 TRAIN_GPUS = 0 if config["device"] == "cpu" else config["gpus_per_job"]
-TRAIN_COMMAND = "e4srec train" if TRAIN_GPUS <= 1 else (
+
+
+def on_gpus(command, gpus):
+    """``command`` run on ``gpus`` GPUs of its own (`e4srec gpu-slot`: CUDA_VISIBLE_DEVICES, at most
+    jobs_per_gpu jobs a GPU), so that jobs Snakemake runs side by side spread over the machine's GPUs
+    (README, "GPU and cluster"); as it is without GPUs."""
+    if not gpus:
+        return command
+    return f"e4srec gpu-slot --gpus {gpus} --jobs-per-gpu {config['jobs_per_gpu']} -- {command}"
+
+
+TRAIN_COMMAND = on_gpus("e4srec train" if TRAIN_GPUS <= 1 else (
     f"accelerate launch --multi_gpu --num_processes {TRAIN_GPUS} --num_machines 1 --mixed_precision no "
-    "--dynamo_backend no --main_process_port 0 -m e4srec.cli train")
+    "--dynamo_backend no --main_process_port 0 -m e4srec.cli train"), TRAIN_GPUS)
 
 for _name in config["datasets"]:
     if _name not in KNOWN_DATASETS and _name not in config["custom_datasets"]:

@@ -54,8 +54,8 @@ rule instruction_tune:
     conda:
         "../envs/e4srec.yaml"
     shell:
-        "e4srec instruct --backbone {input} {params.data} --converted {params.converted} --out {output} "
-        "{params.params} 2> {log}"
+        on_gpus("e4srec instruct --backbone {input} {params.data} --converted {params.converted} --out {output} "
+                "{params.params}", 1 if config["device"] != "cpu" else 0) + " 2> {log}"
 
 
 rule train_e4srec:
