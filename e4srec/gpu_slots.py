@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -106,6 +107,8 @@ def run_on_gpus(command: list[str], count: int, jobs_per_gpu: int = 1, lock_dir:
     if not command:
         raise InputError("gpu-slot: no command given (usage: e4srec gpu-slot --gpus N -- COMMAND ...)")
     with gpu_slots(count, jobs_per_gpu, lock_dir) as held:
+        print(f"gpu-slot: GPU {','.join(held)} for {command[0]}" if held else "gpu-slot: no GPU visible",
+              file=sys.stderr, flush=True)
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(held)} if held else {}))
         child = subprocess.Popen(command, env=env)
         forward = {sig: signal.signal(sig, lambda number, frame: child.send_signal(number))
