@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .files import InputError, read_json, write_json
+from .gpu_slots import DEFAULT_LOCK_DIR
 
 log = logging.getLogger("e4srec")
 
@@ -285,8 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "GPUs; its exit status. Without a visible GPU, COMMAND runs as it is.")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the command needs (default 1)")
     p.add_argument("--jobs-per-gpu", type=int, default=1, help="jobs that may share one GPU (default 1)")
-    from .gpu_slots import DEFAULT_LOCK_DIR
-
     p.add_argument("--lock-dir", default=str(DEFAULT_LOCK_DIR), help=f"slot lock files (default {DEFAULT_LOCK_DIR})")
     p.add_argument("run", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the command and its arguments")
     p.set_defaults(func=cmd_gpu_slot)

@@ -222,8 +222,9 @@ def pack_rows(tokens: np.ndarray, row_tokens: int) -> tuple[np.ndarray, np.ndarr
     return rows, starts, width
 
 
-def packed_pairs(sequence: torch.Tensor) -> torch.Tensor:
-    """Windows [B, max_len + 1] -> [B, max_len] booleans: position j holds a (history, next item) pair."""
+def packed_pairs(sequence: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Windows [B, max_len + 1] -> [B, max_len] booleans: position j holds a (history, next item) pair
+    (a tensor for a tensor, an array for an array)."""
     return (sequence[:, :-1] > 0) & (sequence[:, 1:] > 0)
 
 
@@ -630,8 +631,7 @@ class E4SRec(Recommender):
         if "sequence" not in batch:
             return batch
         sequence = batch["sequence"]
-        pairs = ((sequence[:, :-1] > 0) & (sequence[:, 1:] > 0)).sum(axis=1)
-        width = max(int(pairs.max(initial=0)), 1)
+        width = max(int(packed_pairs(sequence).sum(axis=1).max(initial=0)), 1)
         return {**batch, "sequence": sequence[:, -(width + 1):]}
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> float:

@@ -138,7 +138,7 @@ if NEW_ITEMS:
         benchmark:
             f"{OUT}/benchmarks/new_items.tsv"
         resources:
-            gpu=1 if config["device"] != "cpu" else 0,
+            gpu=ONE_GPU,
         conda:
             "../envs/e4srec.yaml"
         shell:
@@ -149,7 +149,7 @@ if NEW_ITEMS:
                     "--e4srec-params '{params.e4srec_params}' --e4srec-train-params '{params.e4srec_train_params}' "
                     "--extension '{params.extension}' --full-run {params.full_run} "
                     "--full-sasrec-run {params.sasrec_run} --ties {params.ties} --threads {threads}",
-                    1 if config["device"] != "cpu" else 0) + " > /dev/null 2> {log}"
+                    ONE_GPU) + " > /dev/null 2> {log}"
 
 
 rule analysis:

@@ -11,6 +11,7 @@ RES = config["resources"]
 # GPUs of a training job, one process each; more than one: data-parallel (DDP) through accelerate,
 # the global batch unchanged (README, "Several GPUs (DDP)"). One: `e4srec train` as a single process.
 TRAIN_GPUS = 0 if config["device"] == "cpu" else config["gpus_per_job"]
+ONE_GPU = 0 if config["device"] == "cpu" else 1  # the other GPU jobs (instruction tuning, new items)
 
 
 def on_gpus(command, gpus):

@@ -50,12 +50,12 @@ rule instruction_tune:
     benchmark:
         f"{OUT}/benchmarks/backbone/{BACKBONE_ID}-instruct.tsv"
     resources:
-        gpu=1 if config["device"] != "cpu" else 0,
+        gpu=ONE_GPU,
     conda:
         "../envs/e4srec.yaml"
     shell:
         on_gpus("e4srec instruct --backbone {input} {params.data} --converted {params.converted} --out {output} "
-                "{params.params}", 1 if config["device"] != "cpu" else 0) + " 2> {log}"
+                "{params.params}", ONE_GPU) + " 2> {log}"
 
 
 rule train_e4srec:
