@@ -20,8 +20,8 @@ Only ``input_proj``, ``item_scorer`` and the LoRA weights train; with the frozen
 Speed (measured on an H200 with the 135M backbone, bf16, Beauty; tests/benchmarks/RESULTS.md; a
 step is bound by kernel launches and Python, not arithmetic):
 
-- Training is compiled on a GPU (``compile="auto"``, CUDA graphs; about 2 minutes of compiling for
-  one prompt per example, 7 for packed training's four width buckets):
+- Training is compiled on a GPU (``compile="auto"``, CUDA graphs; about 1.5 minutes of compiling for
+  one prompt per example, 4.5 for packed training's three width buckets at max_len 50):
   one prompt per example (``training="examples"``, the paper) at batch 16 takes 19.5 ms a step, a
   156 s epoch (eager: 198 ms, 1,583 s). Histories stay padded to ``max_len`` and an epoch's smaller
   last batch is padded to the first batch's size (padding rows leave the loss), so one graph serves.
@@ -292,7 +292,7 @@ class E4SRecConfig:
     # "always", "never"
     share_prefix: str = "auto"
     # torch.compile the training loss (histories padded to max_len, batches to the first batch's size, so one
-    # graph serves the run; CUDA graphs on a GPU: 22 vs 281 ms a step on an H200, after 2 to 7 min compiling):
+    # graph serves the run; CUDA graphs on a GPU: 22 vs 281 ms a step on an H200, after 1.5 to 4.5 min compiling):
     # "auto" (on a GPU with an unquantised backbone), "always", "never"
     compile: str = "auto"
     # What is compiled. "step": the whole training loss as one graph per shape, with CUDA graphs on a GPU
