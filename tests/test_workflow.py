@@ -143,6 +143,41 @@ def test_variant_train_settings_and_ablation_seeds(tmp_path):
     assert ablations == {"0", "1"}
 
 
+def test_e4srec_variants_run_every_seed_with_their_settings(tmp_path):
+    """A configured E4SRec variant runs with every E4SRec seed; its params and train settings go over
+    the profile's (per dataset too), with the full model's backbone and item table (dry run)."""
+    config = tmp_path / "extra.yaml"
+    config.write_text("e4srec:\n  seeds: [0, 1]\n  ablations: []\n  variants:\n"
+                      "    big: {params: {lora_r: 4}, train: {batch_size: 5, epochs: 2}}\n")
+    result = snakemake("-n", "-p", "--configfile", ".test/config.yaml", str(config), "--config",
+                       f"out={tmp_path}/results", f"resources={tmp_path}/resources")
+    assert result.returncode == 0, result.stderr[-2000:]
+    commands = [c for _, _, c in planned_training_jobs(result.stdout) if "--model E4SRec" in c]
+    big = [c for c in commands if "--variant big " in c]
+    default = [c for c in commands if "--variant default " in c]
+    assert len(big) == len(default) == 4  # TinyA, TinyB; seeds 0 and 1
+    for command in big:
+        params = json.loads(re.search(r"--params '(.*?)'", command).group(1))
+        train = json.loads(re.search(r"--train-params '(.*?)'", command).group(1))
+        assert params["lora_r"] == 4 and train["batch_size"] == 5 and train["epochs"] == 2
+        run = [re.search(pattern, command).group(0) for pattern in (r"--dataset-dir \S+", r"--seed \d+")]
+        twin = next(c for c in default if all(part in c for part in run))
+        for flag in ("--backbone", "--item-embeddings"):
+            assert re.search(rf"{flag} \S+", command).group(0) == re.search(rf"{flag} \S+", twin).group(0)
+        default_params = json.loads(re.search(r"--params '(.*?)'", twin).group(1))
+        assert {k: v for k, v in params.items() if k != "lora_r"} == {k: v for k, v in default_params.items() if k != "lora_r"}
+
+
+@pytest.mark.parametrize("name", ["default", "no-llm", "a b"])
+def test_e4srec_variant_names_that_clash_are_errors(tmp_path, name):
+    config = tmp_path / "extra.yaml"
+    config.write_text(f"e4srec:\n  variants:\n    '{name}': {{params: {{lora_r: 4}}}}\n")
+    result = snakemake("-n", "--configfile", ".test/config.yaml", str(config), "--config",
+                       f"out={tmp_path}/results", f"resources={tmp_path}/resources")
+    assert result.returncode != 0
+    assert f"'e4srec.variants': {name!r}" in result.stdout + result.stderr
+
+
 def test_paper_profiles_plan_valid_e4srec_parameters(tmp_path):
     """The paper profile, alone and with the GPU-session overlay: every planned E4SRec run's parameters
     build its model's configuration (the BERT encoder's unpacked); the overlay packs and compiles by
@@ -154,11 +189,16 @@ def test_paper_profiles_plan_valid_e4srec_parameters(tmp_path):
                            f"out={tmp_path}/results", f"resources={tmp_path}/resources")
         assert result.returncode == 0, result.stderr[-2000:]
         runs = [command for _, _, command in planned_training_jobs(result.stdout) if "--model E4SRec" in command]
-        assert len(runs) == 4 * 3 + 4 * 4 * 3  # four datasets: three seeds, four ablations with three seeds
+        # four datasets: three seeds, four ablations with three seeds; the overlay's paper-batch, three seeds
+        assert len(runs) == 4 * 3 + 4 * 4 * 3 + (4 * 3 if overlay else 0)
         for command in runs:
             variant = re.search(r"--variant (\S+)", command).group(1)
             params = json.loads(re.search(r"--params '(.*?)'", command).group(1))
+            train = json.loads(re.search(r"--train-params '(.*?)'", command).group(1))
             config = model_class("E4SRec", variant).config_class(**params)
-            if overlay:
+            if variant == "paper-batch":  # Table 5's training, beside the overlay's packed default
+                assert (config.training, config.compile_scope, train["batch_size"]) == ("examples", "step", 16)
+                assert train["group_by_length"] is False and "--dataset-dir" in command
+            elif overlay:
                 assert config.compile_scope == "layers"
                 assert config.training == ("examples" if variant == "bert-encoder" else "packed")

@@ -95,11 +95,21 @@ def fetch_source(wildcards):
     return f"--mirror {config['data_mirror']}" if config["data_mirror"] else ""
 
 
+E4SREC_ABLATIONS = ["no-instruct", "bpr-embeddings", "no-llm", "bert-encoder"]  # Figure 3 (schema's enum)
+for _name in config["e4srec"]["variants"]:
+    if _name == "default" or _name in E4SREC_ABLATIONS or not re.fullmatch(r"[A-Za-z0-9_.-]+", _name):
+        raise ValueError(f"config key 'e4srec.variants': {_name!r} is not a valid variant name (letters, digits, "
+                         f"'_', '.', '-'; not 'default' nor an ablation: {E4SREC_ABLATIONS})")
+E4SREC_VARIANTS = ["default", *E4SREC_ABLATIONS, *config["e4srec"]["variants"]]
+
+
 def e4srec_runs():
-    """E4SRec runs: every seed of the full model, and each ablation (Figure 3) with ablation_seeds."""
+    """E4SRec runs: every seed of the full model and of each configured variant, and each ablation
+    (Figure 3) with ablation_seeds."""
     if not config["e4srec"]["enabled"]:
         return []
-    runs = [run_dir(d, "E4SRec", "default", s) for d in config["datasets"] for s in config["e4srec"]["seeds"]]
+    runs = [run_dir(d, "E4SRec", v, s) for d in config["datasets"] for v in ["default", *config["e4srec"]["variants"]]
+            for s in config["e4srec"]["seeds"]]
     seeds = config["e4srec"]["ablation_seeds"] or config["e4srec"]["seeds"][:1]
     return runs + [run_dir(d, "E4SRec", a, s) for d in config["datasets"] for a in config["e4srec"]["ablations"]
                    for s in seeds]
@@ -153,9 +163,9 @@ def e4srec_item_embeddings(wildcards):
 
 
 def e4srec_model_params(wildcards):
-    """E4SRec's params for a variant: a bidirectional encoder cannot pack, so bert-encoder trains on
+    """E4SRec's params for a variant (a configured variant's over the profile's): a bidirectional encoder cannot pack, so bert-encoder trains on
     examples and scores padded whatever ``training`` and ``scoring`` say (recorded in its run.json)."""
-    params = dict(config["e4srec"]["params"])
+    params = {**config["e4srec"]["params"], **config["e4srec"]["variants"].get(wildcards.variant, {}).get("params", {})}
     if wildcards.variant == "bert-encoder":
         for key, unpacked in (("training", "examples"), ("scoring", "padded")):
             if params.get(key) == "packed":
@@ -165,7 +175,8 @@ def e4srec_model_params(wildcards):
 
 def e4srec_train_params(wildcards):
     settings = {"device": config["device"], **config["e4srec"]["train"],
-                **config["e4srec"]["train_per_dataset"].get(wildcards.dataset, {})}
+                **config["e4srec"]["train_per_dataset"].get(wildcards.dataset, {}),
+                **config["e4srec"]["variants"].get(wildcards.variant, {}).get("train", {})}
     return as_json(settings)
 
 

@@ -64,7 +64,7 @@ rule train_e4srec:
         backbone=e4srec_backbone_dir,
         item_embeddings=e4srec_item_embeddings,
     wildcard_constraints:
-        variant="default|no-instruct|bpr-embeddings|no-llm|bert-encoder",
+        variant="|".join(map(re.escape, E4SREC_VARIANTS)),
     output:
         ranks=f"{OUT}/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}/ranks.parquet",
         record=f"{OUT}/runs/{{dataset}}/E4SRec/{{variant}}/seed~{{seed}}/run.json",
