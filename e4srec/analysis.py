@@ -157,7 +157,8 @@ def write_protocols(run_dirs: list[str], summary_csv: str | Path, flips_csv: str
 
 ABLATION_LABELS = {"default": "E4SRec (full)", "no-instruct": "no instruction tuning",
                    "bpr-embeddings": "BPR item embeddings + LLM", "no-llm": "SASRec emb., no LLM",
-                   "bert-encoder": "SASRec emb. + MiniLM (BERT-class)"}
+                   "bert-encoder": "SASRec emb. + MiniLM (BERT-class)",
+                   "paper-batch": "E4SRec (full), 16 examples a batch"}  # the variant of config/gpu-budget.yaml
 
 
 def ablation_table(metrics_csv: str | Path) -> pd.DataFrame:
