@@ -231,38 +231,66 @@ def sample_negatives(shape: tuple[int, ...], n_items: int, device, exclude: torc
     return flat.reshape(shape)
 
 
-class _SoftmaxCrossEntropy(torch.autograd.Function):
-    """Mean softmax cross-entropy of ``logits`` [N, V] (float32) for ``targets`` [N].
+CHUNK_BYTES = 3 << 20  # the CPU loss's logits chunk: about 3 MB, cache-sized, reused by the allocator
 
-    Same value and gradient as ``F.cross_entropy``; the backward pass reuses the softmax kept from
-    the forward pass in place (softmax - one_hot) instead of building a dense [N, V] gradient and
-    recomputing exponentials: about a third less time for the full-softmax loss on a CPU.
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean softmax cross-entropy of ``hidden @ table.T (+ bias)`` for ``targets``, on the CPU.
+
+    The logits [N, V] are never built whole: rows go through in chunks of about ``CHUNK_BYTES``, and
+    each chunk's gradient (softmax - one_hot) is folded at once into the gradients of ``hidden``,
+    ``table`` and ``bias``, which the backward pass only scales. Same value and gradients as
+    ``F.cross_entropy(hidden @ table.T + bias, targets)`` up to float rounding (tested); on a 2-core
+    CPU about 1.6x faster than materialising the logits, whose ~100 MB buffers each step would be
+    fresh pages (tests/benchmarks/RESULTS.md, "SASRec: the fused CPU loss").
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        rows = torch.arange(len(targets), device=logits.device)
-        top, top_index = logits.max(1)  # [N]
-        probabilities = torch.softmax(logits, 1)  # [N, V], one fused pass
-        # log-sum-exp from the largest class's probability (>= 1/V, never underflows)
-        log_normaliser = top - probabilities[rows, top_index].log()
-        ctx.save_for_backward(probabilities, targets)
-        return (log_normaliser - logits[rows, targets]).mean()
+    def forward(ctx, hidden: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor) -> torch.Tensor:
+        n, classes = len(targets), table.shape[0]
+        chunk = max(8, CHUNK_BYTES // (4 * classes))
+        grad_hidden, grad_table = torch.empty_like(hidden), torch.zeros_like(table)
+        grad_bias = None if bias is None else torch.zeros_like(bias)
+        total = hidden.new_zeros(())
+        for start in range(0, n, chunk):
+            part, wanted = hidden[start:start + chunk], targets[start:start + chunk]
+            rows = torch.arange(len(wanted), device=hidden.device)
+            logits = part @ table.T if bias is None else torch.addmm(bias, part, table.T)  # [c, V]
+            top, top_index = logits.max(1)
+            chosen = logits[rows, wanted]
+            probabilities = torch.softmax(logits, 1)
+            # log-sum-exp from the largest class's probability (>= 1/V, never underflows)
+            total += (top - probabilities[rows, top_index].log() - chosen).sum()
+            probabilities[rows, wanted] -= 1.0  # d(sum of losses) / d logits
+            torch.mm(probabilities, table, out=grad_hidden[start:start + chunk])
+            grad_table.addmm_(probabilities.T, part)
+            if grad_bias is not None:
+                grad_bias += probabilities.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_table, grad_bias)
+        ctx.count = n
+        return total / n
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        probabilities, targets = ctx.saved_tensors  # used once: modified in place
-        rows = torch.arange(len(targets), device=probabilities.device)
-        probabilities[rows, targets] -= 1.0
-        return probabilities.mul_(grad / len(targets)), None
+        grad_hidden, grad_table, grad_bias = ctx.saved_tensors
+        scale = grad / ctx.count
+        return (grad_hidden * scale, grad_table * scale, None if grad_bias is None else grad_bias * scale, None)
 
 
-def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over all classes (the custom kernel on the CPU, ``F.cross_entropy`` elsewhere)."""
-    logits = logits.float()
-    if logits.device.type != "cpu" or not logits.requires_grad:
-        return F.cross_entropy(logits, targets)
-    return _SoftmaxCrossEntropy.apply(logits, targets)
+def linear_cross_entropy(hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the logits ``hidden @ table.T (+ bias)`` over all rows of ``table`` for
+    ``targets`` [N] (the fused kernel above when training on the CPU in float32, ``F.cross_entropy``
+    otherwise)."""
+    fused = (hidden.device.type == "cpu" and torch.is_grad_enabled() and hidden.dtype == table.dtype == torch.float32
+             and (hidden.requires_grad or table.requires_grad) and not torch.is_autocast_enabled("cpu"))
+    if fused:
+        return _LinearCrossEntropy.apply(hidden, table, bias, targets)
+    logits = hidden @ table.T
+    if bias is not None:
+        logits = logits + bias
+    return F.cross_entropy(logits.float(), targets)
 
 
 def next_item_loss(hidden: torch.Tensor, targets: torch.Tensor, item_table: torch.Tensor, loss: str, n_items: int,
@@ -274,11 +302,9 @@ def next_item_loss(hidden: torch.Tensor, targets: torch.Tensor, item_table: torc
     -log sigmoid(pos) - log(1 - sigmoid(neg)) with one uniform negative per target, avoiding the
     items in ``exclude`` [N, K]. ``item_bias`` [>= n_items + 1] adds a per-item bias (Caser).
     """
-    if loss == "ce":
-        logits = hidden @ item_table[1:n_items + 1].T  # [N, n_items]
-        if item_bias is not None:
-            logits = logits + item_bias[1:n_items + 1]
-        return softmax_cross_entropy(logits, targets - 1)
+    if loss == "ce":  # logits [N, n_items] over items 1..n_items
+        bias = None if item_bias is None else item_bias[1:n_items + 1]
+        return linear_cross_entropy(hidden, item_table[1:n_items + 1], targets - 1, bias)
     if loss == "bce":
         negatives = sample_negatives(targets.shape, n_items, targets.device, exclude)  # [N]
         pair = torch.stack([targets, negatives], dim=1)  # [N, 2]

@@ -306,12 +306,25 @@ def test_negatives_avoid_excluded_items():
     assert (negatives <= 10).float().mean() < 0.01  # 0.25 without redraws, 0.25^4 after three
 
 
-def test_cpu_cross_entropy_matches_torch():
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("chunk_bytes", [4 * 11 * 3, 3 << 20])  # chunks of 8 rows (several), one chunk
+def test_cpu_linear_cross_entropy_matches_torch(monkeypatch, with_bias, chunk_bytes):
+    """The fused chunked CPU loss gives F.cross_entropy's value and gradients for hidden, table and
+    bias, whether the rows go through in one chunk or several."""
+    monkeypatch.setattr(common, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
-    logits = (3 * torch.randn(7, 11)).requires_grad_()
-    targets = torch.randint(0, 11, (7,))
-    ours = common.softmax_cross_entropy(logits, targets)
-    (gradient,) = torch.autograd.grad(ours, logits)
+    hidden = torch.randn(21, 5, requires_grad=True)
+    table = (2 * torch.randn(11, 5)).requires_grad_()
+    bias = torch.randn(11, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, 11, (21,))
+    inputs = [hidden, table] + ([bias] if with_bias else [])
+    ours = common.linear_cross_entropy(hidden, table, targets, bias)
+    gradients = torch.autograd.grad(3 * ours, inputs)
+    logits = hidden @ table.T + (bias if with_bias else 0)
     reference = F.cross_entropy(logits, targets)
-    (expected,) = torch.autograd.grad(reference, logits)
-    assert torch.allclose(ours, reference, atol=1e-6) and torch.allclose(gradient, expected, atol=1e-7)
+    expected = torch.autograd.grad(3 * reference, inputs)
+    assert torch.allclose(ours, reference, atol=1e-6)
+    for got, want in zip(gradients, expected):
+        assert torch.allclose(got, want, atol=1e-6)
+    with torch.no_grad():  # evaluation takes torch's own path
+        assert torch.allclose(common.linear_cross_entropy(hidden, table, targets, bias), reference, atol=1e-6)
