@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -107,8 +108,7 @@ def run_ours(data: Path, out: Path, args) -> dict:
     wall = time.perf_counter() - started
     record = json.loads((out / "run.json").read_text())
     epochs = record["training"]["epochs"]
-    return {"tool": "ours", "command": " ".join(command[:9]) + f" --params '{command[9]}' --train-params "
-            f"'{command[11]}' " + " ".join(command[12:]), "wall_seconds": wall,
+    return {"tool": "ours", "command": shlex.join(command), "git": record.get("git"), "wall_seconds": wall,
             "epochs": [{"epoch": e["epoch"], "train_seconds": e["seconds"], "valid_ndcg10": e["valid_ndcg10"],
                         "examples": e["examples"], "loss": e["loss"]} for e in epochs],
             "torch_threads": record.get("nondeterminism", {}).get("torch_threads")}
