@@ -257,11 +257,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             part, wanted = hidden[start:start + chunk], targets[start:start + chunk]
             rows = torch.arange(len(wanted), device=hidden.device)
             logits = part @ table.T if bias is None else torch.addmm(bias, part, table.T)  # [c, V]
-            top, top_index = logits.max(1)
-            chosen = logits[rows, wanted]
+            top, chosen = logits.amax(1), logits[rows, wanted]
             probabilities = torch.softmax(logits, 1)
-            # log-sum-exp from the largest class's probability (>= 1/V, never underflows)
-            total += (top - probabilities[rows, top_index].log() - chosen).sum()
+            # log-sum-exp = top - log(largest probability), which is >= 1/V: it never underflows
+            total += (top - probabilities.amax(1).log() - chosen).sum()
             probabilities[rows, wanted] -= 1.0  # d(sum of losses) / d logits
             torch.mm(probabilities, table, out=grad_hidden[start:start + chunk])
             grad_table.addmm_(probabilities.T, part)
