@@ -119,25 +119,35 @@ def test_cpu_profiles_run_commands_as_they_are(tmp_path):
     assert "gpu-slot" not in result.stdout and "e4srec train --dataset-dir" in result.stdout
 
 
-def test_variant_train_settings_and_ablation_seeds(tmp_path):
-    """A variant's "train" entry reaches its runs' training settings, not its model parameters; and
-    every ablation runs with each of ablation_seeds (dry run)."""
+def planned_with(tmp_path, extra_config: str) -> list[str]:
+    """Shell commands of the training jobs that a dry run of .test plus ``extra_config`` (YAML) plans."""
     config = tmp_path / "extra.yaml"
-    config.write_text("baselines:\n  variants:\n    SASRec: {long: {train: {epochs: 7, learning_rate: 0.005}, loss: ce}}\n"
-                      "e4srec:\n  ablation_seeds: [0, 1]\n  ablations: [no-llm]\n")
+    config.write_text(extra_config)
     result = snakemake("-n", "-p", "--configfile", ".test/config.yaml", str(config), "--config",
                        f"out={tmp_path}/results", f"resources={tmp_path}/resources")
     assert result.returncode == 0, result.stderr[-2000:]
-    commands = [command for _, _, command in planned_training_jobs(result.stdout)]
+    return [command for _, _, command in planned_training_jobs(result.stdout)]
+
+
+def json_argument(command: str, flag: str) -> dict:
+    """The JSON value of ``--params`` or ``--train-params`` in a planned command."""
+    return json.loads(re.search(rf"{flag} '(.*?)'", command).group(1))
+
+
+def test_variant_train_settings_and_ablation_seeds(tmp_path):
+    """A variant's "train" entry reaches its runs' training settings, not its model parameters; and
+    every ablation runs with each of ablation_seeds (dry run)."""
+    commands = planned_with(tmp_path, "baselines:\n  variants:\n    SASRec: {long: {train: {epochs: 7, learning_rate: 0.005}, "
+                            "loss: ce}}\ne4srec:\n  ablation_seeds: [0, 1]\n  ablations: [no-llm]\n")
     long = [c for c in commands if "--model SASRec --variant long" in c]
     default = [c for c in commands if "--model SASRec --variant default" in c]
     assert len(long) == 2 and len(default) == 2  # TinyA, TinyB
     for command in long:
-        params = json.loads(re.search(r"--params '(.*?)'", command).group(1))
-        train = json.loads(re.search(r"--train-params '(.*?)'", command).group(1))
+        params = json_argument(command, "--params")
+        train = json_argument(command, "--train-params")
         assert params == {"loss": "ce"} and train["learning_rate"] == 0.005
         assert train["epochs"] == 3  # the profile's train settings still cap the variant's
-    assert all(json.loads(re.search(r"--train-params '(.*?)'", c).group(1))["learning_rate"] == 0.001
+    assert all(json_argument(c, "--train-params")["learning_rate"] == 0.001
                for c in default)
     ablations = {re.search(r"--seed (\d+)", c).group(1) for c in commands if "--variant no-llm" in c}
     assert ablations == {"0", "1"}
@@ -146,25 +156,21 @@ def test_variant_train_settings_and_ablation_seeds(tmp_path):
 def test_e4srec_variants_run_every_seed_with_their_settings(tmp_path):
     """A configured E4SRec variant runs with every E4SRec seed; its params and train settings go over
     the profile's (per dataset too), with the full model's backbone and item table (dry run)."""
-    config = tmp_path / "extra.yaml"
-    config.write_text("e4srec:\n  seeds: [0, 1]\n  ablations: []\n  variants:\n"
-                      "    big: {params: {lora_r: 4}, train: {batch_size: 5, epochs: 2}}\n")
-    result = snakemake("-n", "-p", "--configfile", ".test/config.yaml", str(config), "--config",
-                       f"out={tmp_path}/results", f"resources={tmp_path}/resources")
-    assert result.returncode == 0, result.stderr[-2000:]
-    commands = [c for _, _, c in planned_training_jobs(result.stdout) if "--model E4SRec" in c]
+    commands = [c for c in planned_with(tmp_path, "e4srec:\n  seeds: [0, 1]\n  ablations: []\n  variants:\n"
+                                        "    big: {params: {lora_r: 4}, train: {batch_size: 5, epochs: 2}}\n")
+                if "--model E4SRec" in c]
     big = [c for c in commands if "--variant big " in c]
     default = [c for c in commands if "--variant default " in c]
     assert len(big) == len(default) == 4  # TinyA, TinyB; seeds 0 and 1
     for command in big:
-        params = json.loads(re.search(r"--params '(.*?)'", command).group(1))
-        train = json.loads(re.search(r"--train-params '(.*?)'", command).group(1))
+        params = json_argument(command, "--params")
+        train = json_argument(command, "--train-params")
         assert params["lora_r"] == 4 and train["batch_size"] == 5 and train["epochs"] == 2
         run = [re.search(pattern, command).group(0) for pattern in (r"--dataset-dir \S+", r"--seed \d+")]
         twin = next(c for c in default if all(part in c for part in run))
         for flag in ("--backbone", "--item-embeddings"):
             assert re.search(rf"{flag} \S+", command).group(0) == re.search(rf"{flag} \S+", twin).group(0)
-        default_params = json.loads(re.search(r"--params '(.*?)'", twin).group(1))
+        default_params = json_argument(twin, "--params")
         assert {k: v for k, v in params.items() if k != "lora_r"} == {k: v for k, v in default_params.items() if k != "lora_r"}
 
 
@@ -193,8 +199,8 @@ def test_paper_profiles_plan_valid_e4srec_parameters(tmp_path):
         assert len(runs) == 4 * 3 + 4 * 4 * 3 + (4 * 3 if overlay else 0)
         for command in runs:
             variant = re.search(r"--variant (\S+)", command).group(1)
-            params = json.loads(re.search(r"--params '(.*?)'", command).group(1))
-            train = json.loads(re.search(r"--train-params '(.*?)'", command).group(1))
+            params = json_argument(command, "--params")
+            train = json_argument(command, "--train-params")
             config = model_class("E4SRec", variant).config_class(**params)
             if variant == "paper-batch":  # Table 5's training, beside the overlay's packed default
                 assert (config.training, config.compile_scope, train["batch_size"]) == ("examples", "step", 16)
