@@ -68,7 +68,7 @@ import pandas as pd
 from . import provenance
 from .data import paper_name
 from .files import InputError, read_json, write_json, write_text
-from .tables import SPLITS, write_csv
+from .tables import E4SREC_ABLATIONS, SPLITS, write_csv
 
 PAPER_TABLE4 = "paper/paper_table4.tsv"
 PAPER_TABLE5 = "paper/paper_table5.tsv"
@@ -88,10 +88,12 @@ TABLE4_CAPTION = (
     "pays for compilation and warm-up. The evaluation pass ranks each user's validation and test items "
     "under three protocols; per ranked instance = seconds / (2 x users). The paper measured on one A800 "
     "with LLaMA2-13B in 8 bits; its ratios, not its seconds or gigabytes, are comparable with ours.")
-TABLE5_TITLE = "Table 5: E4SRec's training configuration as run (default variant), beside the paper's"
+TABLE5_TITLE = "Table 5: E4SRec's training configuration as run, beside the paper's"
 TABLE5_CAPTION = (
     "Read from the run records: training.config, components.config and backbone of each seed's run.json. "
-    "same as paper: yes / no, or n/a where the paper gives no value.")
+    "same as paper: yes / no, or n/a where the paper gives no value. One section per dataset for the "
+    "default variant (the rows E4SRec of Tables 3 and 6), then for each variant that trains the full model "
+    "another way (e4srec.variants, e.g. paper-batch; not Figure 3's ablations).")
 
 
 @dataclass(frozen=True)
@@ -133,9 +135,16 @@ class RunRecord:
         return self.get("seed")
 
 
-def e4srec_run_paths(runs_root: str | Path) -> list[Path]:
-    """The run.json files of E4SRec's default variant under a runs folder, every dataset and seed."""
-    return sorted(Path(runs_root).glob(f"*/{MODEL}/{VARIANT}/seed~*/run.json"))
+def e4srec_run_paths(runs_root: str | Path, variant: str = VARIANT) -> list[Path]:
+    """The run.json files of one E4SRec variant (the default) under a runs folder, every dataset and seed."""
+    return sorted(Path(runs_root).glob(f"*/{MODEL}/{variant}/seed~*/run.json"))
+
+
+def configuration_variants(runs_root: str | Path) -> list[str]:
+    """E4SRec's variants other than the default that train the full model another way (not Figure 3's
+    ablations), e.g. paper-batch, with runs under a runs folder."""
+    found = {path.parts[-3] for path in Path(runs_root).glob(f"*/{MODEL}/*/seed~*/run.json")}
+    return sorted(found - {VARIANT, *E4SREC_ABLATIONS})
 
 
 def e4srec_runs(runs_root: str | Path) -> list[RunRecord]:
@@ -361,7 +370,7 @@ def dataset_configuration(runs: list[RunRecord]) -> dict[str, object]:
     return {**settings, "seeds": ", ".join(str(run.seed) for run in runs)}
 
 
-def _table5_frame(runs: list[RunRecord], paper_tsv: str | Path) -> pd.DataFrame:
+def _table5_frame(runs: list[RunRecord], paper_tsv: str | Path, variant: str = VARIANT) -> pd.DataFrame:
     paper = read_paper(paper_tsv).set_index(["dataset", "setting"])
     by_dataset: dict[str, list[RunRecord]] = {}
     for run in runs:
@@ -370,14 +379,25 @@ def _table5_frame(runs: list[RunRecord], paper_tsv: str | Path) -> pd.DataFrame:
     for dataset, dataset_runs in by_dataset.items():
         for setting, value in dataset_configuration(dataset_runs).items():
             paper_value, note = paper.loc[(dataset, setting)] if (dataset, setting) in paper.index else ("", "")
-            rows.append({"dataset": dataset, "setting": setting, "value": display(value), "paper_value": paper_value,
-                         "same_as_paper": same_as_paper(value, paper_value), "note": note})
+            rows.append({"variant": variant, "dataset": dataset, "setting": setting, "value": display(value),
+                         "paper_value": paper_value, "same_as_paper": same_as_paper(value, paper_value), "note": note})
     return pd.DataFrame(rows)
 
 
+def table5_runs(runs_root: str | Path) -> dict[str, list[RunRecord]]:
+    """Table 5's run records by variant: the default's (an error when there are none), then those of
+    each configuration variant (``configuration_variants``)."""
+    runs = {VARIANT: e4srec_runs(runs_root)}
+    for variant in configuration_variants(runs_root):
+        runs[variant] = sorted((RunRecord.read(p) for p in e4srec_run_paths(runs_root, variant)),
+                               key=lambda run: (run.dataset, run.seed))
+    return runs
+
+
 def table5(runs_root: str | Path, paper_tsv: str | Path = PAPER_TABLE5) -> pd.DataFrame:
-    """Table 5 in long form: one row per (dataset, setting), as run and as the paper states it."""
-    return _table5_frame(e4srec_runs(runs_root), paper_tsv)
+    """Table 5 in long form: one row per (variant, dataset, setting), as run and as the paper states it."""
+    return pd.concat([_table5_frame(runs, paper_tsv, variant) for variant, runs in table5_runs(runs_root).items()],
+                     ignore_index=True)
 
 
 # Rendering --------------------------------------------------------------------------------------------
@@ -432,17 +452,19 @@ def write_table4(runs_root: str | Path, out_dir: str | Path, paper_tsv: str | Pa
 
 def write_table5(runs_root: str | Path, out_dir: str | Path, paper_tsv: str | Path = PAPER_TABLE5) -> pd.DataFrame:
     """table5.{csv,md,tex} and table5.provenance.json in ``out_dir``: one section per dataset."""
-    runs = e4srec_runs(runs_root)
-    frame = _table5_frame(runs, paper_tsv)
+    by_variant = table5_runs(runs_root)
+    frame = table5(runs_root, paper_tsv)
     sections, latex = [f"# {TABLE5_TITLE}\n\n{TABLE5_CAPTION}\n"], []
-    for dataset, part in frame.groupby("dataset", sort=False):
-        view = part.drop(columns="dataset").rename(columns={"value": "ours", "paper_value": "paper",
-                                                            "same_as_paper": "same as paper"})
-        sections.append(f"\n## {paper_name(dataset)}\n\n{view.to_markdown(index=False)}\n")
-        latex.append(f"% {paper_name(dataset)}\n{view.to_latex(index=False, escape=True)}")
+    for (variant, dataset), part in frame.groupby(["variant", "dataset"], sort=False):
+        heading = paper_name(dataset) if variant == VARIANT else f"{paper_name(dataset)}, variant {variant}"
+        view = part.drop(columns=["variant", "dataset"]).rename(columns={"value": "ours", "paper_value": "paper",
+                                                                         "same_as_paper": "same as paper"})
+        sections.append(f"\n## {heading}\n\n{view.to_markdown(index=False)}\n")
+        latex.append(f"% {heading}\n{view.to_latex(index=False, escape=True)}")
     stem = Path(out_dir) / "table5"
     write_csv(stem.with_suffix(".csv"), frame)
     write_text(stem.with_suffix(".md"), "".join(sections))
     write_text(stem.with_suffix(".tex"), f"% {TABLE5_TITLE}\n% {TABLE5_CAPTION}\n" + "\n".join(latex))
-    write_json(stem.with_suffix(".provenance.json"), _provenance(TABLE5_TITLE, runs, paper_tsv))
+    write_json(stem.with_suffix(".provenance.json"),
+               _provenance(TABLE5_TITLE, [run for runs in by_variant.values() for run in runs], paper_tsv))
     return frame

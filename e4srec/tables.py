@@ -17,6 +17,9 @@ from .metrics import all_metrics
 
 SPLITS = ("valid", "test")
 PROTOCOLS = ("full", "full_masked", "sampled")
+# Figure 3's ablations of E4SRec (the workflow's e4srec.ablations); any other E4SRec variant is the full
+# model trained another way (e4srec.variants, e.g. paper-batch).
+E4SREC_ABLATIONS = ("no-instruct", "bpr-embeddings", "no-llm", "bert-encoder")
 TABLE3 = {"protocol": "full", "metrics": [("HR", 5), ("HR", 10), ("HR", 20), ("NDCG", 5), ("NDCG", 10), ("NDCG", 20)]}
 TABLE6 = {"protocol": "sampled", "metrics": [("HR", 1), ("HR", 5), ("NDCG", 5), ("HR", 10), ("NDCG", 10), ("MRR", None)]}
 POLICY_NOTE = ("Ranks count ties pessimistically (rank = 1 + candidates scoring at least as high). "

@@ -139,6 +139,28 @@ def test_table5_counts_a_packed_batch_in_users(tmp_path):
     assert ours["training layout"] == "packed"
 
 
+def test_table5_shows_configuration_variants_not_ablations(tmp_path):
+    """A variant that trains the full model another way (paper-batch) gets rows of its own, and a
+    section in the Markdown; Figure 3's ablations (no-llm) do not."""
+    packed = e4srec_record()
+    packed.setdefault("params", {})["training"] = "packed"
+    write_run(tmp_path, packed)
+    for variant in ("paper-batch", "no-llm"):
+        record = e4srec_record()
+        record["variant"] = variant
+        write_run(tmp_path, record)
+    frame = efficiency.table5(tmp_path, PAPER5)
+    assert list(dict.fromkeys(frame["variant"])) == ["default", "paper-batch"]
+    layout = frame[frame["setting"] == "training layout"].set_index("variant")
+    assert layout.loc["default", "same_as_paper"] == "no" and layout.loc["paper-batch", "same_as_paper"] == "yes"
+    out = tmp_path / "tables"
+    efficiency.write_table5(tmp_path, out, PAPER5)
+    markdown = (out / "table5.md").read_text()
+    assert "## Beauty\n" in markdown and "## Beauty, variant paper-batch\n" in markdown and "no-llm" not in markdown
+    provenance = json.loads((out / "table5.provenance.json").read_text())
+    assert len(provenance["runs"]) == 2
+
+
 def test_table5_needs_the_seeds_of_a_dataset_to_agree(tmp_path):
     write_run(tmp_path, e4srec_record(seed=0))
     other = e4srec_record(seed=1)
@@ -180,12 +202,20 @@ def test_cli_writes_tables_with_provenance(tmp_path):
 
 
 def test_committed_runs_show_how_each_dataset_trained():
-    """The committed E4SRec runs: Beauty and Yelp packed at 16 users (3 seeds)."""
-    frame = efficiency.table5(COMMITTED_RUNS, PAPER5).set_index(["dataset", "setting"])
-    assert frame.loc[("Beauty", "batch size"), ["value", "paper_value", "same_as_paper"]].tolist() == ["16 users", "16", "no"]
-    assert frame.loc[("Beauty", "training layout"), "value"] == "packed"
-    assert frame.loc[("Beauty", "seeds"), "value"] == "0, 1, 2"
-    assert frame.loc[("Yelp", "batch size"), "value"] == "16 users" and frame.loc[("Yelp", "training layout"), "value"] == "packed"
+    """The committed E4SRec runs: Beauty and Yelp packed at 16 users (3 seeds); paper-batch as Table 5
+    trains, one prompt per example, 16 examples a batch (3 seeds on Beauty, Sports and Toys)."""
+    frame = efficiency.table5(COMMITTED_RUNS, PAPER5).set_index(["variant", "dataset", "setting"])
+    packed = frame.loc["default"]
+    assert packed.loc[("Beauty", "batch size"), ["value", "paper_value", "same_as_paper"]].tolist() == ["16 users", "16", "no"]
+    assert packed.loc[("Beauty", "training layout"), "value"] == "packed"
+    assert packed.loc[("Beauty", "seeds"), "value"] == "0, 1, 2"
+    assert packed.loc[("Yelp", "batch size"), "value"] == "16 users" and packed.loc[("Yelp", "training layout"), "value"] == "packed"
+    paper_batch = frame.loc["paper-batch"]
+    assert set(paper_batch.index.get_level_values("dataset")) == {"Beauty", "Sports_and_Outdoors", "Toys_and_Games"}
+    for dataset in ("Beauty", "Sports_and_Outdoors", "Toys_and_Games"):
+        for setting in ("training layout", "batch size", "epochs", "learning rate", "warmup steps"):
+            assert paper_batch.loc[(dataset, setting), "same_as_paper"] == "yes", (dataset, setting)
+        assert paper_batch.loc[(dataset, "seeds"), "value"] == "0, 1, 2"
 
 
 def test_baseline_gaps_give_each_missed_cell_its_first_reason():
