@@ -2,8 +2,10 @@
 
 For each (dataset, protocol, metric): a user's value is the metric of their test rank, averaged over
 the model's seeds; E4SRec and the baseline are compared over the same users with a paired Wilcoxon
-signed-rank test and a paired t-test. P-values are Holm-corrected across all comparisons of one
-table (Table 3: full ranking; Table 6: sampled). Effect sizes: the mean difference, Cohen's d_z
+signed-rank test and a paired t-test. E4SRec is its default variant and each variant that trains the
+full model another way (``model_variant``, e.g. paper-batch; not Figure 3's ablations, which are not
+tested). P-values are Holm-corrected across all comparisons of one table (Table 3: full ranking;
+Table 6: sampled) and one E4SRec variant, so that adding a variant leaves the default's unchanged. Effect sizes: the mean difference, Cohen's d_z
 (mean difference / standard deviation of the differences) and the Wilcoxon matched-pairs
 rank-biserial correlation. Intervals: 95% percentile bootstrap over users of the mean (seeded).
 """
@@ -17,10 +19,10 @@ from scipy import stats
 
 from .files import read_json
 from .metrics import per_user
-from .tables import TABLE3, TABLE6, write_csv
+from .tables import E4SREC_ABLATIONS, TABLE3, TABLE6, write_csv
 
 BOOTSTRAP_RESAMPLES = 2000
-COLUMNS = ["table", "dataset", "protocol", "metric", "k", "model", "baseline", "baseline_variant", "users",
+COLUMNS = ["table", "dataset", "protocol", "metric", "k", "model", "model_variant", "baseline", "baseline_variant", "users",
            "model_seeds", "baseline_seeds", "model_value", "baseline_value", "mean_difference", "cohens_dz",
            "rank_biserial", "wilcoxon_p", "ttest_p", "wilcoxon_p_holm", "ttest_p_holm"]
 
@@ -81,7 +83,7 @@ def compare(run_dirs: list[str], target_model: str = "E4SRec") -> pd.DataFrame:
     rows = []
     for table, spec, protocols in (("table3", TABLE3, ("full", "full_masked")), ("table6", TABLE6, ("sampled",))):
         for (dataset, model, variant), target in groups.items():
-            if model != target_model or variant != "default":
+            if model != target_model or variant in E4SREC_ABLATIONS:
                 continue
             for (other_dataset, baseline, baseline_variant), other in groups.items():
                 if other_dataset != dataset or baseline == target_model:
@@ -100,7 +102,8 @@ def compare(run_dirs: list[str], target_model: str = "E4SRec") -> pd.DataFrame:
                         biserial = (ranks[nonzero > 0].sum() - ranks[nonzero < 0].sum()) / ranks.sum() if len(nonzero) else 0.0
                         rows.append({
                             "table": table, "dataset": dataset, "protocol": protocol, "metric": metric, "k": k,
-                            "model": target_model, "baseline": baseline, "baseline_variant": baseline_variant,
+                            "model": target_model, "model_variant": variant, "baseline": baseline,
+                            "baseline_variant": baseline_variant,
                             "users": len(diff), "model_seeds": " ".join(map(str, sorted(target["seeds"]))),
                             "baseline_seeds": " ".join(map(str, sorted(other["seeds"]))),
                             "model_value": ours.mean(), "baseline_value": theirs.mean(), "mean_difference": diff.mean(),
@@ -110,8 +113,7 @@ def compare(run_dirs: list[str], target_model: str = "E4SRec") -> pd.DataFrame:
                             "ttest_p": ttest.pvalue if ttest else 1.0,
                         })
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    for table in frame["table"].unique():
-        part = frame["table"] == table
+    for part in frame.groupby(["table", "model_variant"]).groups.values():
         frame.loc[part, "wilcoxon_p_holm"] = holm(frame.loc[part, "wilcoxon_p"].to_numpy())
         frame.loc[part, "ttest_p_holm"] = holm(frame.loc[part, "ttest_p"].to_numpy())
     frame["k"] = frame["k"].astype("Int64")

@@ -118,7 +118,7 @@ SIGNIFICANCE_LEVEL = 0.01  # the paper's claim: p < 0.01 against the best baseli
 
 
 def add_verdicts(frame: pd.DataFrame, intervals: pd.DataFrame | None, significance: pd.DataFrame | None) -> pd.DataFrame:
-    """Bootstrap intervals, a verdict per cell, and significance marks of E4SRec's cells."""
+    """Bootstrap intervals, a verdict per cell, and significance marks of E4SRec's tested variants' cells."""
     keys = ["dataset", "model", "variant", "protocol", "metric", "k"]
     if intervals is not None and len(intervals):
         frame = frame.merge(intervals[keys + ["ci_low", "ci_high"]], on=keys, how="left")
@@ -130,8 +130,11 @@ def add_verdicts(frame: pd.DataFrame, intervals: pd.DataFrame | None, significan
                                  ["no paper value", "reproduced", "higher than paper"], "lower than paper")
     frame["significant_vs_best_baseline"] = pd.NA
     if significance is not None and len(significance):
-        for index, row in frame[frame["model"] == "E4SRec"].iterrows():
-            tests = significance[(significance["dataset"] == row["dataset"]) & (significance["protocol"] == row["protocol"])
+        if "model_variant" not in significance:  # written before E4SRec's variants were tested: the default's
+            significance = significance.assign(model_variant="default")
+        for index, row in frame[frame["model"] == "E4SRec"].iterrows():  # the tested variants; ablations stay NA
+            tests = significance[(significance["model_variant"] == row["variant"])
+                                 & (significance["dataset"] == row["dataset"]) & (significance["protocol"] == row["protocol"])
                                  & (significance["metric"] == row["metric"])
                                  & (significance["k"].astype("Int64") == row["k"] if not pd.isna(row["k"]) else significance["k"].isna())]
             if len(tests):
