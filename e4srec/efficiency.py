@@ -394,9 +394,11 @@ def table5_runs(runs_root: str | Path) -> dict[str, list[RunRecord]]:
     return runs
 
 
-def table5(runs_root: str | Path, paper_tsv: str | Path = PAPER_TABLE5) -> pd.DataFrame:
+def table5(runs_root: str | Path, paper_tsv: str | Path = PAPER_TABLE5,
+           by_variant: dict[str, list[RunRecord]] | None = None) -> pd.DataFrame:
     """Table 5 in long form: one row per (variant, dataset, setting), as run and as the paper states it."""
-    return pd.concat([_table5_frame(runs, paper_tsv, variant) for variant, runs in table5_runs(runs_root).items()],
+    by_variant = table5_runs(runs_root) if by_variant is None else by_variant
+    return pd.concat([_table5_frame(runs, paper_tsv, variant) for variant, runs in by_variant.items()],
                      ignore_index=True)
 
 
@@ -451,9 +453,9 @@ def write_table4(runs_root: str | Path, out_dir: str | Path, paper_tsv: str | Pa
 
 
 def write_table5(runs_root: str | Path, out_dir: str | Path, paper_tsv: str | Path = PAPER_TABLE5) -> pd.DataFrame:
-    """table5.{csv,md,tex} and table5.provenance.json in ``out_dir``: one section per dataset."""
+    """table5.{csv,md,tex} and table5.provenance.json in ``out_dir``: one section per variant and dataset."""
     by_variant = table5_runs(runs_root)
-    frame = table5(runs_root, paper_tsv)
+    frame = table5(runs_root, paper_tsv, by_variant)
     sections, latex = [f"# {TABLE5_TITLE}\n\n{TABLE5_CAPTION}\n"], []
     for (variant, dataset), part in frame.groupby(["variant", "dataset"], sort=False):
         heading = paper_name(dataset) if variant == VARIANT else f"{paper_name(dataset)}, variant {variant}"

@@ -5,9 +5,9 @@ the model's seeds; E4SRec and the baseline are compared over the same users with
 signed-rank test and a paired t-test. E4SRec is its default variant and each variant that trains the
 full model another way (``model_variant``, e.g. paper-batch; not Figure 3's ablations, which are not
 tested). P-values are Holm-corrected across all comparisons of one table (Table 3: full ranking;
-Table 6: sampled) and one E4SRec variant, so that adding a variant leaves the default's unchanged. Effect sizes: the mean difference, Cohen's d_z
-(mean difference / standard deviation of the differences) and the Wilcoxon matched-pairs
-rank-biserial correlation. Intervals: 95% percentile bootstrap over users of the mean (seeded).
+Table 6: sampled) and one E4SRec variant, so that adding a variant leaves the default's unchanged.
+Effect sizes: the mean difference, Cohen's d_z (mean difference / standard deviation of the
+differences) and the Wilcoxon matched-pairs rank-biserial correlation. Intervals: 95% percentile bootstrap over users of the mean (seeded).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from .metrics import per_user
 from .tables import E4SREC_ABLATIONS, TABLE3, TABLE6, write_csv
 
 BOOTSTRAP_RESAMPLES = 2000
-COLUMNS = ["table", "dataset", "protocol", "metric", "k", "model", "model_variant", "baseline", "baseline_variant", "users",
-           "model_seeds", "baseline_seeds", "model_value", "baseline_value", "mean_difference", "cohens_dz",
+COLUMNS = ["table", "dataset", "protocol", "metric", "k", "model", "model_variant", "baseline", "baseline_variant",
+           "users", "model_seeds", "baseline_seeds", "model_value", "baseline_value", "mean_difference", "cohens_dz",
            "rank_biserial", "wilcoxon_p", "ttest_p", "wilcoxon_p_holm", "ttest_p_holm"]
 
 

@@ -163,8 +163,9 @@ def e4srec_item_embeddings(wildcards):
 
 
 def e4srec_model_params(wildcards):
-    """E4SRec's params for a variant (a configured variant's over the profile's): a bidirectional encoder cannot pack, so bert-encoder trains on
-    examples and scores padded whatever ``training`` and ``scoring`` say (recorded in its run.json)."""
+    """E4SRec's params for a variant (a configured variant's over the profile's): a bidirectional
+    encoder cannot pack, so bert-encoder trains on examples and scores padded whatever ``training``
+    and ``scoring`` say (recorded in its run.json)."""
     params = {**config["e4srec"]["params"], **config["e4srec"]["variants"].get(wildcards.variant, {}).get("params", {})}
     if wildcards.variant == "bert-encoder":
         for key, unpacked in (("training", "examples"), ("scoring", "padded")):
