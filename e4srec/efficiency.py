@@ -147,12 +147,12 @@ def configuration_variants(runs_root: str | Path) -> list[str]:
     return sorted(found - {VARIANT, *E4SREC_ABLATIONS})
 
 
-def e4srec_runs(runs_root: str | Path) -> list[RunRecord]:
-    """E4SRec's default-variant run records, by dataset and seed; an error when there are none."""
-    paths = e4srec_run_paths(runs_root)
+def e4srec_runs(runs_root: str | Path, variant: str = VARIANT) -> list[RunRecord]:
+    """One E4SRec variant's run records (the default's), by dataset and seed; an error when there are none."""
+    paths = e4srec_run_paths(runs_root, variant)
     if not paths:
         raise InputError(f"{runs_root}: no {MODEL} run records "
-                         f"({runs_root}/DATASET/{MODEL}/{VARIANT}/seed~N/run.json): train E4SRec first")
+                         f"({runs_root}/DATASET/{MODEL}/{variant}/seed~N/run.json): train E4SRec first")
     return sorted((RunRecord.read(p) for p in paths), key=lambda run: (run.dataset, run.seed))
 
 
@@ -387,11 +387,7 @@ def _table5_frame(runs: list[RunRecord], paper_tsv: str | Path, variant: str = V
 def table5_runs(runs_root: str | Path) -> dict[str, list[RunRecord]]:
     """Table 5's run records by variant: the default's (an error when there are none), then those of
     each configuration variant (``configuration_variants``)."""
-    runs = {VARIANT: e4srec_runs(runs_root)}
-    for variant in configuration_variants(runs_root):
-        runs[variant] = sorted((RunRecord.read(p) for p in e4srec_run_paths(runs_root, variant)),
-                               key=lambda run: (run.dataset, run.seed))
-    return runs
+    return {variant: e4srec_runs(runs_root, variant) for variant in [VARIANT, *configuration_variants(runs_root)]}
 
 
 def table5(runs_root: str | Path, paper_tsv: str | Path = PAPER_TABLE5,

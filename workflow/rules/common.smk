@@ -4,6 +4,8 @@ import re
 import types
 from pathlib import Path
 
+from e4srec.tables import E4SREC_ABLATIONS  # Figure 3's ablations (the schema's enum of e4srec.ablations)
+
 KNOWN_DATASETS = ["Beauty", "Sports_and_Outdoors", "Toys_and_Games", "Yelp"]
 EMBEDDING_MODELS = ["SASRec", "BPR"]  # baselines whose item embeddings E4SRec can take
 OUT = config["out"]
@@ -95,11 +97,10 @@ def fetch_source(wildcards):
     return f"--mirror {config['data_mirror']}" if config["data_mirror"] else ""
 
 
-E4SREC_ABLATIONS = ["no-instruct", "bpr-embeddings", "no-llm", "bert-encoder"]  # Figure 3 (schema's enum)
 for _name in config["e4srec"]["variants"]:
     if _name == "default" or _name in E4SREC_ABLATIONS or not re.fullmatch(r"[A-Za-z0-9_.-]+", _name):
         raise ValueError(f"config key 'e4srec.variants': {_name!r} is not a valid variant name (letters, digits, "
-                         f"'_', '.', '-'; not 'default' nor an ablation: {E4SREC_ABLATIONS})")
+                         f"'_', '.', '-'; not 'default' nor an ablation: {', '.join(E4SREC_ABLATIONS)})")
 E4SREC_VARIANTS = ["default", *E4SREC_ABLATIONS, *config["e4srec"]["variants"]]
 
 
@@ -162,11 +163,16 @@ def e4srec_item_embeddings(wildcards):
     return f"{run_dir(wildcards.dataset, chosen['model'], chosen['variant'], chosen['seed'])}/item_embeddings.safetensors"
 
 
+def e4srec_variant_settings(wildcards, key):
+    """A configured E4SRec variant's ``params`` or ``train`` entry ({} for the default and the ablations)."""
+    return config["e4srec"]["variants"].get(wildcards.variant, {}).get(key, {})
+
+
 def e4srec_model_params(wildcards):
     """E4SRec's params for a variant (a configured variant's over the profile's): a bidirectional
     encoder cannot pack, so bert-encoder trains on examples and scores padded whatever ``training``
     and ``scoring`` say (recorded in its run.json)."""
-    params = {**config["e4srec"]["params"], **config["e4srec"]["variants"].get(wildcards.variant, {}).get("params", {})}
+    params = {**config["e4srec"]["params"], **e4srec_variant_settings(wildcards, "params")}
     if wildcards.variant == "bert-encoder":
         for key, unpacked in (("training", "examples"), ("scoring", "padded")):
             if params.get(key) == "packed":
@@ -177,7 +183,7 @@ def e4srec_model_params(wildcards):
 def e4srec_train_params(wildcards):
     settings = {"device": config["device"], **config["e4srec"]["train"],
                 **config["e4srec"]["train_per_dataset"].get(wildcards.dataset, {}),
-                **config["e4srec"]["variants"].get(wildcards.variant, {}).get("train", {})}
+                **e4srec_variant_settings(wildcards, "train")}
     return as_json(settings)
 
 
