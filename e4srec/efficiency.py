@@ -1,10 +1,13 @@
 """Tables 4 (efficiency) and 5 (training configuration), read from the run records (``run.json``).
 
 Nothing here trains or times anything: every number is what a run recorded about itself, read from
-``RUNS/<dataset>/E4SRec/default/seed~<n>/run.json`` (one row, or column, per such record), with the
+``RUNS/<dataset>/E4SRec/<variant>/seed~<n>/run.json`` (one row, or column, per such record), with the
 paper's values beside ours from ``paper/paper_table4.tsv`` and ``paper/paper_table5.tsv``.
 
-Table 4, efficiency (long form: dataset, seed, quantity, value, paper_value):
+Table 4, efficiency (long form: variant, dataset, seed, quantity, value, paper_value), one section for
+the default variant, then one for each variant that trains the full model another way
+(:func:`configuration_variants`, e.g. ``paper-batch``, whose training time per epoch is the one at the
+paper's batch):
 
 - ``machine``: the GPU names of ``machine.gpus`` when ``training.device`` is CUDA, else ``CPU (N cores)``
   from ``machine.cpu_count``; paper: one A800.
@@ -79,8 +82,10 @@ N_DATASETS = 100  # the paper's "100 E4SRec models need about 2x the backbone's 
 GB = 1e9
 MB = 1e6
 
-TABLE4_TITLE = "Table 4: efficiency of E4SRec (default variant) from the run records"
+TABLE4_TITLE = "Table 4: efficiency of E4SRec from the run records"
 TABLE4_CAPTION = (
+    "One section for the default variant (the rows E4SRec of Tables 3 and 6), then one for each variant "
+    "that trains the full model another way (e.g. paper-batch: one prompt per example, the paper's batch). "
     "Epoch and evaluation times are wall clock as each run recorded it (run.json), not a benchmark: the "
     "GPU may have been shared with other jobs (each run's machine and date are in its run.json; "
     "results/README.md says which runs shared a GPU), and CPU runs may have shared their cores, so these "
@@ -145,6 +150,12 @@ def configuration_variants(runs_root: str | Path) -> list[str]:
     ablations), e.g. paper-batch, with runs under a runs folder."""
     found = {path.parts[-3] for path in Path(runs_root).glob(f"*/{MODEL}/*/seed~*/run.json")}
     return sorted(found - {VARIANT, *E4SREC_ABLATIONS})
+
+
+def table_variants(runs_root: str | Path) -> dict[str, list[RunRecord]]:
+    """The run records of Tables 4 and 5 by variant: the default's (an error when there are none), then
+    those of each configuration variant (:func:`configuration_variants`)."""
+    return {variant: e4srec_runs(runs_root, variant) for variant in [VARIANT, *configuration_variants(runs_root)]}
 
 
 def e4srec_runs(runs_root: str | Path, variant: str = VARIANT) -> list[RunRecord]:
@@ -275,20 +286,23 @@ def efficiency_rows(run: RunRecord, reference: RunRecord | None, paper: dict[str
 
 
 def runs_with_references(runs_root: str | Path) -> list[tuple[RunRecord, RunRecord | None]]:
-    """Each E4SRec default run with its dataset's reference baseline run (None when absent)."""
-    return [(run, reference_run(runs_root, run.dataset)) for run in e4srec_runs(runs_root)]
+    """Each E4SRec run of Table 4 (the default's, then each configuration variant's, see
+    :func:`table_variants`) with its dataset's reference baseline run (None when absent)."""
+    return [(run, reference_run(runs_root, run.dataset))
+            for runs in table_variants(runs_root).values() for run in runs]
 
 
 def _table4_frame(pairs: list[tuple[RunRecord, RunRecord | None]], paper_tsv: str | Path) -> pd.DataFrame:
     paper = paper_table4_values(paper_tsv)
-    return pd.DataFrame([{"dataset": run.dataset, "seed": run.seed, "quantity": quantity, "value": value,
-                          "paper_value": paper_value}
+    return pd.DataFrame([{"variant": run.get("variant"), "dataset": run.dataset, "seed": run.seed,
+                          "quantity": quantity, "value": value, "paper_value": paper_value}
                          for run, reference in pairs
                          for quantity, value, paper_value in efficiency_rows(run, reference, paper)])
 
 
 def table4(runs_root: str | Path, paper_tsv: str | Path = PAPER_TABLE4) -> pd.DataFrame:
-    """Table 4 in long form: one row per (E4SRec default run, quantity), the paper's value beside."""
+    """Table 4 in long form: one row per (E4SRec run, quantity), the paper's value beside; the
+    default variant's runs first, then each configuration variant's."""
     return _table4_frame(runs_with_references(runs_root), paper_tsv)
 
 
@@ -384,16 +398,10 @@ def _table5_frame(runs: list[RunRecord], paper_tsv: str | Path, variant: str = V
     return pd.DataFrame(rows)
 
 
-def table5_runs(runs_root: str | Path) -> dict[str, list[RunRecord]]:
-    """Table 5's run records by variant: the default's (an error when there are none), then those of
-    each configuration variant (``configuration_variants``)."""
-    return {variant: e4srec_runs(runs_root, variant) for variant in [VARIANT, *configuration_variants(runs_root)]}
-
-
 def table5(runs_root: str | Path, paper_tsv: str | Path = PAPER_TABLE5,
            by_variant: dict[str, list[RunRecord]] | None = None) -> pd.DataFrame:
     """Table 5 in long form: one row per (variant, dataset, setting), as run and as the paper states it."""
-    by_variant = table5_runs(runs_root) if by_variant is None else by_variant
+    by_variant = table_variants(runs_root) if by_variant is None else by_variant
     return pd.concat([_table5_frame(runs, paper_tsv, variant) for variant, runs in by_variant.items()],
                      ignore_index=True)
 
@@ -413,7 +421,8 @@ def format_cell(value) -> str:
 
 
 def table4_wide(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows quantity, one column per run (dataset, with the seed when a dataset has several), then the paper's."""
+    """Rows quantity, one column per run of one variant (dataset, with the seed when a dataset has
+    several), then the paper's."""
     several_seeds = frame.groupby("dataset")["seed"].nunique().gt(1).any()
     frame = frame.assign(run=[f"{paper_name(d)} seed {s}" if several_seeds else paper_name(d)
                               for d, s in zip(frame["dataset"], frame["seed"])],
@@ -436,13 +445,16 @@ def write_table4(runs_root: str | Path, out_dir: str | Path, paper_tsv: str | Pa
     """table4.{csv,md,tex} and table4.provenance.json in ``out_dir``: rows quantity, columns dataset."""
     pairs = runs_with_references(runs_root)
     frame = _table4_frame(pairs, paper_tsv)
-    wide = table4_wide(frame)
+    sections, latex = [f"# {TABLE4_TITLE}\n\n{TABLE4_CAPTION}\n"], []
+    for variant, part in frame.groupby("variant", sort=False):
+        wide = table4_wide(part.drop(columns="variant"))
+        sections.append(f"\n## {MODEL} ({variant})\n\n{wide.to_markdown()}\n")
+        latex.append(f"% {MODEL} ({variant})\n{wide.to_latex(escape=True)}")
+    sections.append(f"\n## The paper's Table 4 ({paper_tsv})\n\n{read_paper(paper_tsv).to_markdown(index=False)}\n")
     stem = Path(out_dir) / "table4"
     write_csv(stem.with_suffix(".csv"), frame)
-    write_text(stem.with_suffix(".md"), f"# {TABLE4_TITLE}\n\n{TABLE4_CAPTION}\n\n{wide.to_markdown()}\n\n"
-                                        f"## The paper's Table 4 ({paper_tsv})\n\n"
-                                        f"{read_paper(paper_tsv).to_markdown(index=False)}\n")
-    write_text(stem.with_suffix(".tex"), f"% {TABLE4_TITLE}\n% {TABLE4_CAPTION}\n" + wide.to_latex(escape=True))
+    write_text(stem.with_suffix(".md"), "".join(sections))
+    write_text(stem.with_suffix(".tex"), f"% {TABLE4_TITLE}\n% {TABLE4_CAPTION}\n" + "\n".join(latex))
     used = [run for pair in pairs for run in pair if run is not None]
     write_json(stem.with_suffix(".provenance.json"), _provenance(TABLE4_TITLE, used, paper_tsv))
     return frame
@@ -450,7 +462,7 @@ def write_table4(runs_root: str | Path, out_dir: str | Path, paper_tsv: str | Pa
 
 def write_table5(runs_root: str | Path, out_dir: str | Path, paper_tsv: str | Path = PAPER_TABLE5) -> pd.DataFrame:
     """table5.{csv,md,tex} and table5.provenance.json in ``out_dir``: one section per variant and dataset."""
-    by_variant = table5_runs(runs_root)
+    by_variant = table_variants(runs_root)
     frame = table5(runs_root, paper_tsv, by_variant)
     sections, latex = [f"# {TABLE5_TITLE}\n\n{TABLE5_CAPTION}\n"], []
     for (variant, dataset), part in frame.groupby(["variant", "dataset"], sort=False):
