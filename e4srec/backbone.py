@@ -319,24 +319,36 @@ def tiny_tokenizer(vocab_size: int = 300):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+def random_llama(tokenizer, hidden_size: int, intermediate_size: int, layers: int, heads: int, kv_heads: int,
+                 seed: int = 0, max_positions: int = 512, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A LlamaForCausalLM with ``tokenizer``'s vocabulary and the model's own initialisation, drawn on
+    ``device`` after seeding with ``seed`` (the caller's random state is left as it was); the LM head is
+    tied to the token embeddings (E4SRec never reads it). Returned on the CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    device = torch.device(device)
+    default_dtype = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)
+        try:
+            with device:
+                model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default_dtype)
+    return model.to("cpu")
+
+
 def tiny_random(seed: int = 0, hidden_size: int = 32, intermediate_size: int = 64, layers: int = 2,
                 heads: int = 4, kv_heads: int = 2):
     """(seeded tiny LlamaForCausalLM, tiny tokenizer): the test backbone."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=True)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    return model, tokenizer
+    return random_llama(tokenizer, hidden_size, intermediate_size, layers, heads, kv_heads, seed), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ layer; the presets are LLaMA shapes: ``1b`` (22 layers, hidden 2048, intermediat
 key-value heads: TinyLlama-1.1B's), ``7b`` (32, 4096, 11008, 32, 32: LLaMA2-7B's) and ``13b`` (40,
 5120, 13824, 40, 40: LLaMA2-13B's, the paper's backbone). Weights are drawn with the model's own
 initialiser (normal, std ``initializer_range``) after ``torch.manual_seed(--seed)``, on ``--device``
-(a GPU builds a 13B model in seconds; on the CPU the same seed gives the same weights, and a GPU's
-generator draws other numbers than the CPU's). The LM head is tied to the token embeddings (E4SRec
-never reads it). The folder is written like ``e4srec backbone`` writes
+(``e4srec.backbone.random_llama``, as the tests' tiny backbone; a GPU builds a 13B model in seconds;
+on the CPU the same seed gives the same weights, and a GPU's generator draws other numbers than the
+CPU's). The LM head is tied to the token embeddings (E4SRec never reads it). The folder is written like ``e4srec backbone`` writes
 one, atomically, with a ``backbone.json`` whose source is ``random-llama`` and which records the seed
 and the shape::
 
@@ -31,11 +31,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from e4srec.backbone import DTYPES, load_tokenizer, write_backbone_folder  # noqa: E402
+from e4srec.backbone import DTYPES, load_tokenizer, random_llama, write_backbone_folder  # noqa: E402
 from e4srec.files import InputError  # noqa: E402
 
 SHAPE = ("layers", "hidden", "intermediate", "heads", "kv_heads")
@@ -71,27 +69,6 @@ def shape_of(args: argparse.Namespace) -> dict[str, int]:
     return shape
 
 
-def random_llama(shape: dict[str, int], tokenizer, seed: int, dtype: torch.dtype, device: str):
-    """A LlamaForCausalLM of ``shape`` with the vocabulary of ``tokenizer``, weights drawn after seeding."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=shape["hidden"],
-                         intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
-                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-                         max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=True)  # E4SRec never reads the LM head: no untied copy to store
-    default_dtype = torch.get_default_dtype()
-    torch.manual_seed(seed)
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    return model.to("cpu")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -100,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"random_backbone: {err}", file=sys.stderr)
         return 2
-    model = random_llama(shape, tokenizer, args.seed, DTYPES[args.dtype], args.device)
+    model = random_llama(tokenizer, shape["hidden"], shape["intermediate"], shape["layers"], shape["heads"],
+                         shape["kv_heads"], args.seed, max_positions=4096, dtype=DTYPES[args.dtype], device=args.device)
     record = {"source": "random-llama", "source_sha256": f"seed {args.seed}",
               "random_init": {"seed": args.seed, **shape, "tokenizer_from": str(args.tokenizer_from),
                               "note": "random weights, for timing only: its scores mean nothing"}}
