@@ -23,9 +23,9 @@ def test_table_of_one_gpu_against_ddp_from_the_committed_records():
     header, rule, one, two = result.stdout.strip().splitlines()
     assert header.startswith("| run | processes | GPU |") and rule.count("---") == header.count("|") - 1
     # the numbers of tests/benchmarks/RESULTS.md's sixth-session table, read from the records
-    assert one.split(" | ")[1:8] == ["1", "NVIDIA H200", "70.1, 33.7, 33.6", "137.4 s", "1.00x", "43,130",
+    assert one.split(" | ")[1:8] == ["1", "NVIDIA H200", "70.1, 33.7, 33.6", "137.4 s", "1.00x, 1.00x", "43,130",
                                      "14.8 GiB a GPU"]
-    assert two.split(" | ")[1:6] == ["2", "NVIDIA H200", "83.1, 38.2, 35.6", "156.8 s", "0.88x"]
+    assert two.split(" | ")[1:6] == ["2", "NVIDIA H200", "83.1, 38.2, 35.6", "156.8 s", "0.88x, 0.94x"]
     assert one.endswith("| 0.0283 / 0.0398 / 0.0396 | 0.0559 / 0.0300 |")
     assert two.endswith("| 0.0286 / 0.0397 / 0.0393 | 0.0552 / 0.0292 |")
 

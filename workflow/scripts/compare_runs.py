@@ -4,7 +4,8 @@
 Made for issue "Performance", goal 4 (one GPU against several under DDP), and usable for any set of
 runs of one setting: per run, the processes and GPUs, each epoch's training seconds, the total, the
 tokens a second, the peak GPU memory, the last epoch's loss, the validation NDCG@10 after each epoch,
-the test HR@10 / NDCG@10 (full ranking), and the speed-up of the training time against the first run.
+the test HR@10 / NDCG@10 (full ranking), and the speed-up against the first run, of the whole training
+time and of the last epoch's (the one to read where the first epoch compiles).
 Every number is read from the records, none is typed in::
 
     python workflow/scripts/compare_runs.py one_gpu/run.json two_gpus/run.json --labels "1 GPU" "DDP, 2 GPUs"
@@ -19,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ("run", "processes", "GPU", "epochs (train s)", "train total", "speed-up", "tokens/s",
+COLUMNS = ("run", "processes", "GPU", "epochs (train s)", "train total", "speed-up (total, last epoch)", "tokens/s",
            "peak memory", "last loss", "valid NDCG@10 by epoch", "test HR@10 / NDCG@10")
 
 
@@ -63,14 +64,15 @@ def summary(record: dict) -> dict:
 
 def table(records: list[dict], labels: list[str]) -> str:
     rows = [summary(record) for record in records]
-    reference = rows[0]["train_seconds"]
+    total, last = rows[0]["train_seconds"], rows[0]["seconds"][-1]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for label, row in zip(labels, rows):
         memory = f"{row['peak_memory_mb'] / 1024:.1f} GiB a GPU" if row["peak_memory_mb"] else "-"
         tokens = f"{row['tokens_per_s']:,.0f}" if row["tokens_per_s"] else "-"
         valid = " / ".join("-" if value is None else f"{value:.4f}" for value in row["valid"])
         cells = (label, str(row["processes"]), row["gpu"], ", ".join(f"{s:.1f}" for s in row["seconds"]),
-                 f"{row['train_seconds']:.1f} s", f"{reference / row['train_seconds']:.2f}x", tokens, memory,
+                 f"{row['train_seconds']:.1f} s",
+                 f"{total / row['train_seconds']:.2f}x, {last / row['seconds'][-1]:.2f}x", tokens, memory,
                  f"{row['loss']:.5f}", valid, f"{row['hr10']:.4f} / {row['ndcg10']:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
