@@ -1,0 +1,16 @@
+#!/bin/bash
+# Phase 3, run as one device call right after lease.sh finished (same machine, same lease; MPS stopped first): 128 users a batch, eager.
+cd /tmp/e4s/repo && source .device/setup.sh > /dev/null && export XDG_CACHE_HOME=/tmp/cache E4SREC_GIT_COMMIT=$(cat .device/commit) E4SREC_GIT_DIRTY=0 OMP_NUM_THREADS=1 CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe
+echo quit | nvidia-cuda-mps-control
+sleep 2
+L=/tmp/e4s/logs
+R=/tmp/e4s/results/paper/runs
+echo "phase3 $(date +%T)" >> $L/driver.log
+P='{"training": "packed", "compile": "never"}'
+T='{"batch_size": 128, "epochs": 1, "learning_rate": 0.0006, "warmup_steps": 25, "scheduler": "cosine", "weight_decay": 0.1, "eval_batch_size": 256, "patience": 100, "group_by_length": true, "device": "cuda"}'
+A=(--dataset-dir /tmp/e4s/results/paper/data/Beauty --model E4SRec --backbone /tmp/e4s/resources/backbones/random-1b --item-embeddings $R/Beauty/SASRec/default/seed~0/item_embeddings.safetensors --no-progress --seed 0 --params "$P" --train-params "$T")
+CUDA_VISIBLE_DEVICES=0 e4srec train "${A[@]}" --out /tmp/e4s/ddp/one_gpu_b128 > $L/ddp_one_gpu_b128.log 2>&1
+echo "one_gpu_b128 rc=$? $(date +%T)" >> $L/driver.log
+CUDA_VISIBLE_DEVICES=0,1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no --main_process_port 0 -m e4srec.cli train "${A[@]}" --out /tmp/e4s/ddp/two_gpus_b128 > $L/ddp_two_gpus_b128.log 2>&1
+echo "two_gpus_b128 rc=$? $(date +%T)" >> $L/driver.log
+bash /tmp/e4s/repo/.device/poll.sh 1
