@@ -14,7 +14,7 @@ from e4srec import analysis, backbone, runs
 from e4srec.ablations import E4SRecEncoder, E4SRecNoLLM, EncoderConfig, NoLLMConfig
 from e4srec.files import InputError, load_tensors
 from e4srec.model import PAPER_INSTRUCTION_PREFIX, PAPER_RESPONSE_PREFIX
-from tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
+from tiny_llm import assert_compiled_equals_eager, write_item_embeddings, write_tiny_backbone, write_tiny_dataset
 
 N_ITEMS = 30
 HISTORIES = torch.tensor([[0, 0, 0, 3, 4, 5], [1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 7], [0, 9, 8, 7, 6, 5]])
@@ -190,6 +190,30 @@ def test_bert_encoder_scores_and_ignores_padding(tiny):
     torch.testing.assert_close(scores[:, 1:], one_by_one[:, 1:], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(scores[0, 1:], scores[1, 1:])  # the history matters
     assert sorted(model.recommend([[1, 2, 3]], k=N_ITEMS)[0]) == list(range(1, N_ITEMS + 1))
+
+
+@pytest.mark.parametrize("scope", ["step", "layers"])
+def test_bert_encoder_compiled_loss_equals_eager(tiny, scope):
+    """``compile: always`` (off by default for the encoder), either scope: the compiled training loss
+    and its gradients equal the eager ones, an epoch's smaller last batch padded to the first's size."""
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    model = E4SRecEncoder(N_ITEMS, 5, 50, EncoderConfig(lora_dropout=0.0), backbone_dir=tiny["bert"],
+                          item_embeddings=tiny["table"])
+    for module in model.modules():  # BERT's own dropout (0.1) would draw differently in the two passes
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+    padded = torch.nn.functional.pad(HISTORIES, (44, 0))  # [4, 50], as the trainer sends them
+    batches = [{"history": padded, "target": TARGETS}, {"history": padded[:3], "target": TARGETS[:3]}]
+    assert_compiled_equals_eager(model, batches, scope)
+    assert model._compiled[1] == 4  # one graph: the smaller batch was padded to it
+    if scope == "layers":  # the regions are the encoder's own transformer layers
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        regions = model._compiled[2].named_modules()
+        compiled = {name for name, module in regions if isinstance(module, OptimizedModule)}
+        assert {"base_model.model.encoder.layer.0", "base_model.model.encoder.layer.1"} <= compiled
 
 
 def test_bert_encoder_checks(tiny, tmp_path):

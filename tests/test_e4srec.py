@@ -16,7 +16,7 @@ from e4srec.data import SequenceData
 from e4srec.files import InputError, load_tensors, save_tensors
 from e4srec.ablations import E4SRecEncoder, EncoderConfig
 from e4srec.model import E4SRec, E4SRecConfig, chunk_bounds, pack_rows, packed_width, trim_history
-from tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
+from tiny_llm import assert_compiled_equals_eager, write_item_embeddings, write_tiny_backbone, write_tiny_dataset
 
 N_ITEMS = 30
 
@@ -133,23 +133,6 @@ def test_pack_rows():
 def test_encoder_cannot_pack():
     with pytest.raises(InputError, match="scoring='packed' needs a causal decoder"):
         E4SRecEncoder(N_ITEMS, 5, 50, EncoderConfig(scoring="packed"), item_embeddings=torch.zeros(N_ITEMS + 1, 64))
-
-
-def assert_compiled_equals_eager(model, batches, scope: str = "step") -> None:
-    """Loss and gradients of each batch: eager first, then compiled (``compile="always"``, ``scope``)."""
-    def step(batch):
-        model.zero_grad()
-        loss = model.calculate_loss(batch)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    eager = [step(batch) for batch in batches]
-    model.config.compile, model.config.compile_scope = "always", scope
-    compiled = [step(batch) for batch in batches]
-    for (loss_e, grads_e), (loss_c, grads_c) in zip(eager, compiled):
-        torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
-        for grad_e, grad_c in zip(grads_e, grads_c):
-            torch.testing.assert_close(grad_c, grad_e, atol=1e-5, rtol=1e-4)
 
 
 def assert_regions_compiled(model, shapes: int) -> None:

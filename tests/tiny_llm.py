@@ -2,7 +2,8 @@
 
 A seeded random ``LlamaForCausalLM`` (hidden size 32, 2 layers, 4 heads, 2 KV heads) and a byte-level
 BPE tokenizer of 300 tokens trained in process (``e4srec.backbone.tiny_random``), saved as a resolved
-backbone folder (``backbone.json`` included) in float32, plus tiny prepared datasets and item tables.
+backbone folder (``backbone.json`` included) in float32, plus tiny prepared datasets and item tables,
+and the check that a compiled training loss equals the eager one.
 """
 from __future__ import annotations
 
@@ -50,3 +51,20 @@ def write_tiny_dataset(folder: str | Path, n_users: int = 24, n_items: int = 30,
     raw.write_text("\n".join(lines) + "\n")
     data.prepare(name, raw, folder, raw_record={"sha256": "x"}, max_len=max_len, n_negatives=5)
     return folder
+
+
+def assert_compiled_equals_eager(model, batches, scope: str = "step") -> None:
+    """Loss and gradients of each batch: eager first, then compiled (``compile="always"``, ``scope``)."""
+    def step(batch):
+        model.zero_grad()
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    eager = [step(batch) for batch in batches]
+    model.config.compile, model.config.compile_scope = "always", scope
+    compiled = [step(batch) for batch in batches]
+    for (loss_e, grads_e), (loss_c, grads_c) in zip(eager, compiled):
+        torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
+        for grad_e, grad_c in zip(grads_e, grads_c):
+            torch.testing.assert_close(grad_c, grad_e, atol=1e-5, rtol=1e-4)
