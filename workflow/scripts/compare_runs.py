@@ -16,53 +16,57 @@ an error naming the file and the field.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from e4srec.efficiency import RunRecord  # noqa: E402
+from e4srec.files import InputError  # noqa: E402
 
 COLUMNS = ("run", "processes", "GPU", "epochs (train s)", "train total", "speed-up (total, last epoch)", "tokens/s",
            "peak memory", "last loss", "valid NDCG@10 by epoch", "test HR@10 / NDCG@10")
 
 
 class RecordError(ValueError):
-    """A run record that cannot be compared: the message names the file and the field."""
+    """A run record that cannot be compared: the message names the file and the field (read through
+    :class:`e4srec.efficiency.RunRecord`, Tables 4 and 5's reader)."""
 
 
-def load(path: Path) -> dict:
+def load(path: Path) -> RunRecord:
     path = path / "run.json" if path.is_dir() else path
     try:
-        return {"path": path, **json.loads(path.read_text())}
-    except (OSError, json.JSONDecodeError) as err:
+        return RunRecord.read(path)
+    except (OSError, InputError) as err:
         raise RecordError(f"{path}: cannot read a run record ({err})") from None
 
 
-def field(record: dict, *keys: str):
-    value = record
-    for key in keys:
-        if not isinstance(value, dict) or key not in value:
-            raise RecordError(f"{record['path']}: no field {'.'.join(keys)}")
-        value = value[key]
-    return value
+def field(record: RunRecord, key: str):
+    """The value at a dotted key (:meth:`RunRecord.get`), or an error naming the file and the field."""
+    try:
+        return record.get(key)
+    except InputError:
+        raise RecordError(f"{record.path}: no field {key}") from None
 
 
-def summary(record: dict) -> dict:
+def summary(record: RunRecord) -> dict:
     """The numbers of one run that the table shows."""
-    epochs = field(record, "training", "epochs")
+    training = field(record, "training")
+    epochs = field(record, "training.epochs")
     if not epochs:
-        raise RecordError(f"{record['path']}: training.epochs is empty")
+        raise RecordError(f"{record.path}: training.epochs is empty")
     seconds = [float(epoch["seconds"]) for epoch in epochs]
     tokens = sum(int(epoch.get("tokens") or 0) for epoch in epochs)
-    test = field(record, "metrics", "test_full")
-    gpus = (record.get("machine") or {}).get("gpus") or ["CPU"]
-    return {"processes": int(field(record, "training").get("world_size") or 1), "gpu": gpus[0],
-            "seconds": seconds, "train_seconds": float(field(record, "training", "train_seconds")),
+    test = field(record, "metrics.test_full")
+    gpus = (record.data.get("machine") or {}).get("gpus") or ["CPU"]
+    return {"processes": int(training.get("world_size") or 1), "gpu": gpus[0],
+            "seconds": seconds, "train_seconds": float(field(record, "training.train_seconds")),
             "tokens_per_s": tokens / sum(seconds) if tokens else None,
-            "peak_memory_mb": field(record, "training").get("peak_memory_mb"),
+            "peak_memory_mb": training.get("peak_memory_mb"),
             "loss": float(epochs[-1]["loss"]), "valid": [epoch.get("valid_ndcg10") for epoch in epochs],
             "hr10": float(test["HR@10"]), "ndcg10": float(test["NDCG@10"])}
 
 
-def table(records: list[dict], labels: list[str]) -> str:
+def table(records: list[RunRecord], labels: list[str]) -> str:
     rows = [summary(record) for record in records]
     total, last = rows[0]["train_seconds"], rows[0]["seconds"][-1]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--labels gives {len(args.labels)} labels for {len(args.runs)} runs")
     try:
         records = [load(path) for path in args.runs]
-        labels = args.labels or [record["path"].parent.name for record in records]
+        labels = args.labels or [record.path.parent.name for record in records]
         print(table(records, labels))
     except RecordError as err:
         print(f"compare_runs: {err}", file=sys.stderr)
