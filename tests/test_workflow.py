@@ -174,6 +174,30 @@ def test_e4srec_variants_run_every_seed_with_their_settings(tmp_path):
         assert {k: v for k, v in params.items() if k != "lora_r"} == {k: v for k, v in default_params.items() if k != "lora_r"}
 
 
+def test_ablation_settings_reach_only_their_ablation(tmp_path):
+    """``e4srec.ablation_settings`` goes over the profile's settings for that ablation's runs only, as a
+    variant's would (dry run); a name that is not an ablation is a schema error."""
+    commands = [c for c in planned_with(tmp_path, "e4srec:\n  ablations: [no-instruct, no-llm]\n  ablation_settings:\n"
+                                        "    no-instruct: {params: {lora_r: 4}, train: {epochs: 1}}\n")
+                if "--model E4SRec" in c]
+    tuned = [c for c in commands if "--variant no-instruct " in c]
+    others = [c for c in commands if "--variant no-instruct " not in c]
+    assert tuned and others
+    for command in tuned:
+        assert json_argument(command, "--params")["lora_r"] == 4
+        assert json_argument(command, "--train-params")["epochs"] == 1
+    for command in others:
+        assert json_argument(command, "--params").get("lora_r") != 4
+        assert json_argument(command, "--train-params")["epochs"] != 1
+
+    config = tmp_path / "bad.yaml"
+    config.write_text("e4srec:\n  ablation_settings:\n    paper-batch: {params: {lora_r: 4}}\n")
+    result = snakemake("-n", "--configfile", ".test/config.yaml", str(config), "--config",
+                       f"out={tmp_path}/results", f"resources={tmp_path}/resources")
+    assert result.returncode != 0
+    assert "paper-batch" in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("name", ["default", "no-llm", "a b"])
 def test_e4srec_variant_names_that_clash_are_errors(tmp_path, name):
     config = tmp_path / "extra.yaml"
@@ -187,7 +211,7 @@ def test_e4srec_variant_names_that_clash_are_errors(tmp_path, name):
 def test_paper_profiles_plan_valid_e4srec_parameters(tmp_path):
     """The paper profile, alone and with the GPU-session overlay: every planned E4SRec run's parameters
     build its model's configuration (the BERT encoder's unpacked); the overlay packs and compiles by
-    layers (dry run)."""
+    layers, and compiles the BERT encoder's step through ablation_settings (dry run)."""
     from e4srec.runs import model_class
 
     for overlay in ([], ["config/gpu-budget.yaml"]):
@@ -205,6 +229,8 @@ def test_paper_profiles_plan_valid_e4srec_parameters(tmp_path):
             if variant == "paper-batch":  # Table 5's training, beside the overlay's packed default
                 assert (config.training, config.compile_scope, train["batch_size"]) == ("examples", "step", 16)
                 assert train["group_by_length"] is False and "--dataset-dir" in command
+            elif overlay and variant == "bert-encoder":  # the overlay's ablation_settings: compiled whole
+                assert (config.training, config.compile, config.compile_scope) == ("examples", "always", "step")
             elif overlay:
-                assert config.compile_scope == "layers"
-                assert config.training == ("examples" if variant == "bert-encoder" else "packed")
+                assert (config.training, config.compile_scope) == ("packed", "layers")
+                assert "compile" not in params

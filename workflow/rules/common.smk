@@ -164,8 +164,11 @@ def e4srec_item_embeddings(wildcards):
 
 
 def e4srec_variant_settings(wildcards, key):
-    """A configured E4SRec variant's ``params`` or ``train`` entry ({} for the default and the ablations)."""
-    return config["e4srec"]["variants"].get(wildcards.variant, {}).get(key, {})
+    """A configured E4SRec variant's or ablation's ``params`` or ``train`` entry ({} for the default and
+    for an ablation without ``ablation_settings``)."""
+    settings = config["e4srec"]["variants"] if wildcards.variant not in E4SREC_ABLATIONS else \
+        config["e4srec"]["ablation_settings"]
+    return settings.get(wildcards.variant, {}).get(key, {})
 
 
 def e4srec_model_params(wildcards):
