@@ -182,6 +182,9 @@ def run(dataset_dir: str | Path, model_name: str, out_dir: str | Path, *, varian
     training = train(model, data, train_config, out_dir / "checkpoints", progress=progress,
                      resume_key=resume_key(model, params, train_config, checksums))
     accelerator = make_accelerator(train_config)
+    # Training held the last collective operation: every process leaves the process group now (under
+    # NCCL, a process that exits without this is warned), and the main one evaluates alone.
+    accelerator.end_training()
     if not accelerator.is_main_process:
         return None
     device = accelerator.device

@@ -71,6 +71,18 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+# A worker for torchrun: `e4srec train`, then whether this process still holds a process group.
+LEAVING_WORKER = """
+import sys
+import torch
+from e4srec import cli
+
+code = cli.main(sys.argv[1:])
+print(f"process group after the run: {'held' if torch.distributed.is_initialized() else 'none'}", flush=True)
+sys.exit(code)
+"""
+
+
 def launch(launcher: list[str], args: list[str], **env) -> subprocess.CompletedProcess:
     """Two processes on the CPU (gloo), one thread each."""
     child_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
@@ -173,6 +185,17 @@ def test_killed_run_resumes_under_two_processes(sasrec, tmp_path):
         "cuda_said": "process 1: CUDA out of memory. Tried to allocate 3.00 GiB"}]
     assert_same_run(record, sasrec["reference"])
 
+
+def test_every_process_leaves_the_process_group(sasrec, tmp_path):
+    """After `e4srec train` under two processes neither holds a process group any more (under NCCL a
+    process that exits holding one is warned), the main one included, which evaluates alone."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(LEAVING_WORKER)
+    args = train_args(sasrec["dataset_dir"], tmp_path / "run", "SASRec", SASREC_PARAMS, {**SASREC_TRAIN, "epochs": 1})
+    result = launch(TORCHRUN, [str(worker), *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("process group after the run: none") == 2, result.stdout[-2000:]
+    assert (tmp_path / "run" / "run.json").exists()
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-layers"])
 def test_e4srec_under_accelerate_launch(tmp_path, compiled):
