@@ -197,6 +197,7 @@ def test_every_process_leaves_the_process_group(sasrec, tmp_path):
     assert result.stdout.count("process group after the run: none") == 2, result.stdout[-2000:]
     assert (tmp_path / "run" / "run.json").exists()
 
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-layers"])
 def test_e4srec_under_accelerate_launch(tmp_path, compiled):
     """E4SRec (tiny LLaMA, LoRA) through the rules' `accelerate launch ... -m e4srec.cli train`; also

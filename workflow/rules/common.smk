@@ -166,8 +166,7 @@ def e4srec_item_embeddings(wildcards):
 def e4srec_variant_settings(wildcards, key):
     """A configured E4SRec variant's or ablation's ``params`` or ``train`` entry ({} for the default and
     for an ablation without ``ablation_settings``)."""
-    settings = config["e4srec"]["variants"] if wildcards.variant not in E4SREC_ABLATIONS else \
-        config["e4srec"]["ablation_settings"]
+    settings = config["e4srec"]["ablation_settings" if wildcards.variant in E4SREC_ABLATIONS else "variants"]
     return settings.get(wildcards.variant, {}).get(key, {})
 
 
