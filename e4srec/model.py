@@ -189,6 +189,44 @@ def quiet_peft():
         yield
 
 
+def _norm_in_input_dtype(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A LLaMA-family RMSNorm computed in its input's dtype (the library's casts to float32)."""
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _rotary_in_input_dtype(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A default rotary embedding's (cos, sin) computed in ``x``'s dtype (the library's in float32)."""
+    freqs = position_ids[..., None].to(x.dtype) * self.inv_freq.to(device=x.device, dtype=x.dtype)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+
+
+def compute_in_float64(model: nn.Module) -> nn.Module:
+    """Turn ``model`` to float64 *throughout*, for rank-identity checks (issue "Performance", goal 2).
+
+    ``model.to(torch.float64)`` leaves two float32 islands in a Hugging Face LLaMA-family backbone:
+    the RMSNorm (``hidden_states.to(torch.float32)``, then back) and the rotary cos/sin
+    (``.float()``). Eager paths run them through the same kernels for every layout, but a compiled
+    graph fuses them into kernels of its own that round differently, so a float64 comparison would
+    still move ranks at float32's precision. Here those modules compute in the model's dtype, the
+    same in every path (eager or compiled, padded or packed), so that what is left between two
+    paths is float64 rounding. Patches the modules of this model only; returns it. Raises
+    :class:`InputError` for a rotary embedding other than the default (rope_type "default")."""
+    import types
+
+    model.to(torch.float64)
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_norm_in_input_dtype, module)
+        elif hasattr(module, "inv_freq") and hasattr(module, "attention_scaling"):
+            if getattr(module, "rope_type", "default") != "default":
+                raise InputError(f"compute_in_float64: {name} is a {module.rope_type!r} rotary embedding; "
+                                 "only the default one can be computed in float64 here")
+            module.forward = types.MethodType(_rotary_in_input_dtype, module)
+    return model
+
+
 def chunk_bounds(widths: list[int], max_tokens: int, max_padding: int) -> list[tuple[int, int]]:
     """(start, stop) of consecutive chunks of ascending history ``widths`` for scoring.
 

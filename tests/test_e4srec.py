@@ -15,7 +15,8 @@ from e4srec import backbone, commands, deploy, instruct, runs
 from e4srec.data import SequenceData
 from e4srec.files import InputError, load_tensors, save_tensors
 from e4srec.ablations import E4SRecEncoder, EncoderConfig
-from e4srec.model import E4SRec, E4SRecConfig, chunk_bounds, pack_rows, packed_width, trim_history
+from e4srec.model import (E4SRec, E4SRecConfig, chunk_bounds, compute_in_float64, pack_rows, packed_width,
+                          trim_history)
 from tiny_llm import assert_compiled_equals_eager, write_item_embeddings, write_tiny_backbone, write_tiny_dataset
 
 N_ITEMS = 30
@@ -121,6 +122,32 @@ def test_compiled_packed_scoring_equals_eager(tiny):
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got[:, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
     assert model._compiled_scoring is not None
+
+
+def test_compiled_packed_scoring_ranks_as_padded_in_float64(tiny):
+    """compute_in_float64: the fast path (packed, compiled) and the reference (padded, eager) differ
+    by float64 rounding only, and rank every item alike."""
+    model = compute_in_float64(build(tiny, lora_dropout=0.0, eval_row_tokens=12)).eval()
+    base = model.backbone.get_base_model()
+    hidden = torch.randn(2, 3, base.config.hidden_size, dtype=torch.float64)
+    assert base.norm(hidden).dtype == torch.float64
+    assert all(part.dtype == torch.float64 for part in base.rotary_emb(hidden, torch.arange(3)[None]))
+    histories = torch.cat([HISTORIES, HISTORIES.flip(0)])
+    with torch.no_grad():
+        model.config.scoring = "padded"
+        reference = model.full_sort_predict({"history": histories})[:, 1:]
+        model.config.scoring, model.config.compile_scoring = "packed", "always"
+        fast = model.full_sort_predict({"history": histories})[:, 1:]
+    assert fast.dtype == torch.float64 and model._compiled_scoring is not None
+    assert (fast - reference).abs().max() < 1e-12
+    assert torch.equal(fast.argsort(dim=1, stable=True), reference.argsort(dim=1, stable=True))
+
+
+def test_compute_in_float64_refuses_other_rotary_embeddings():
+    rotary = torch.nn.Module()
+    rotary.inv_freq, rotary.attention_scaling, rotary.rope_type = torch.ones(2), 1.0, "dynamic"
+    with pytest.raises(InputError, match="'dynamic' rotary embedding"):
+        compute_in_float64(torch.nn.Sequential(rotary))
 
 
 def test_pack_rows():

@@ -81,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-float32", action="store_true",
                         help="repeat the reference and the scoring settings in float32 (TF32 off)")
     parser.add_argument("--eval-float64", action="store_true",
-                        help="repeat them in float64 too (backbone, item scorer and ranking), where only "
+                        help="repeat them in float64 too (backbone with its norms and rotary embedding, item "
+                             "scorer and ranking: e4srec.model.compute_in_float64), where only "
                              "a different computation, not rounding, can change a rank")
     parser.add_argument("--skip-model-precision", action="store_true",
                         help="score only in the --eval-float32/--eval-float64 precisions, not the backbone's own")
@@ -325,6 +326,8 @@ def time_scoring_settings(model, data, args, device) -> list[dict]:
     with it; again in float32 with ``--eval-float32``."""
     import torch
 
+    from e4srec.model import compute_in_float64
+
     row_tokens = model.config.eval_row_tokens
     settings = [(args.eval_batch_size, model.config.eval_chunk_tokens, "padded", row_tokens)]
     for setting in args.eval_settings:
@@ -335,8 +338,11 @@ def time_scoring_settings(model, data, args, device) -> list[dict]:
     precisions = ([] if args.skip_model_precision else ["model"]) + ["float32"] * args.eval_float32 \
         + ["float64"] * args.eval_float64
     for precision in precisions:
-        if precision != "model":  # the same (bf16-representable) weights, computed in float32 or float64
-            model.to(getattr(torch, precision))
+        if precision == "float64":  # the same (bf16-representable) weights; norms and rotary in float64 too
+            compute_in_float64(model)
+        elif precision == "float32":  # the same weights in float32
+            model.to(torch.float32)
+        if precision != "model":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         reference = None
         for batch_size, chunk_tokens, layout, width in settings:
