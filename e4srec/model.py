@@ -78,6 +78,7 @@ import contextlib
 import dataclasses
 import inspect
 import os
+import types
 import warnings
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -215,8 +216,6 @@ def compute_in_float64(model: nn.Module) -> nn.Module:
     same in every path (eager or compiled, padded or packed), so that what is left between two
     paths is float64 rounding. Patches the modules of this model only; returns it. Raises
     :class:`InputError` for a rotary embedding other than the default (rope_type "default")."""
-    import types
-
     model.to(torch.float64)
     for name, module in model.named_modules():
         if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):

@@ -323,7 +323,7 @@ def time_e4srec_scoring(model, data, args, device, batch_size: int, chunk_tokens
 
 def time_scoring_settings(model, data, args, device) -> list[dict]:
     """The reference (padded, ``--eval-batch-size``) and then each ``--eval-settings`` entry, compared
-    with it; again in float32 with ``--eval-float32``."""
+    with it; again in float32 with ``--eval-float32`` and in float64 throughout with ``--eval-float64``."""
     import torch
 
     from e4srec.model import compute_in_float64
