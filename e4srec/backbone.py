@@ -436,6 +436,21 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
     return DTYPES[dtype]
 
 
+def quantised_gpu(device: str | torch.device) -> int:
+    """The GPU index a quantised backbone is loaded on: ``device``'s own index, else the process's
+    (``LOCAL_RANK``, set by ``accelerate launch`` and torchrun: under DDP each process quantises its
+    copy on its own GPU), else CUDA's current device."""
+    index = torch.device(device).index
+    if index is not None:
+        return index
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None:
+        if not local_rank.isdigit():
+            raise InputError(f"environment variable LOCAL_RANK: {local_rank!r} is not a GPU index")
+        return int(local_rank)
+    return torch.cuda.current_device()
+
+
 def load_backbone(folder: str | os.PathLike, load_in: str = "none", device: str | torch.device = "cpu",
                   dtype: str | torch.dtype = "auto", causal_lm: bool = False):
     """Load a resolved backbone: the decoder alone (``AutoModel``) or with its LM head (``causal_lm``).
@@ -463,7 +478,7 @@ def load_backbone(folder: str | os.PathLike, load_in: str = "none", device: str 
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_8bit=True) if load_in == "8bit" else
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
-        kwargs["device_map"] = {"": torch.device(device).index or 0}
+        kwargs["device_map"] = {"": quantised_gpu(device)}
         kwargs["dtype"] = torch.bfloat16 if torch_dtype == torch.float32 else torch_dtype
     cls = AutoModelForCausalLM if causal_lm else AutoModel
     model = cls.from_pretrained(folder, **kwargs)

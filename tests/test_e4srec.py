@@ -514,6 +514,19 @@ def test_resolve_and_load_backbone(tmp_path):
         backbone.resolve_backbone("no/such/thing", tmp_path / "x")
 
 
+def test_quantised_backbone_goes_to_the_process_gpu(monkeypatch):
+    """Under DDP every process quantises its own copy on its own GPU (LOCAL_RANK), not all on GPU 0."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert backbone.quantised_gpu("cuda") == 1
+    assert backbone.quantised_gpu("cuda:3") == 3  # an explicit index wins
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    with pytest.raises(InputError, match="LOCAL_RANK"):
+        backbone.quantised_gpu("cuda")
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert backbone.quantised_gpu(torch.device("cuda")) == 2
+
+
 def test_instruction_tuning_writes_merged_backbone(tiny, tmp_path):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("\n".join(json.dumps(t) for t in [
