@@ -100,8 +100,8 @@ def out_of_memory_message(config: TrainConfig, epoch: int, step: int, device, er
              "or set `oom_retry: true` (trainer settings) to retry in micro-batches; " if not config.oom_retry else "")
     return (f"out of GPU memory in the training step (epoch {epoch}, step {step}, batch_size {config.batch_size}, "
             f"device {device}): {retry}lower batch_size (now {config.batch_size}; for instruction tuning, "
-            "micro_batch_size), or for a large backbone load it quantised with `load_in: 4bit` "
-            f"(E4SRec params). CUDA said: {first_line}")
+            "micro_batch_size), or when the backbone's weights themselves do not fit, load it quantised with "
+            f"`load_in: 4bit` (E4SRec params; it shrinks the weights, not the activations). CUDA said: {first_line}")
 
 
 def batch_rows(batch: dict) -> int:
