@@ -38,6 +38,7 @@ from e4srec.model import E4SRec, E4SRecConfig  # noqa: E402
 from e4srec.provenance import record  # noqa: E402
 from e4srec.trainer import load_trainable_state, trainable_state, training_batches  # noqa: E402
 
+
 def build(backbone_dir: Path, data: SequenceData, item_embeddings: Path, seed: int) -> dict[str, E4SRec]:
     """E4SRec on ``backbone_dir`` in bf16 (packed training, no shared prefix), and the same with the
     4-bit path's dtypes (see the module's docstring), starting from the same trainable weights."""
@@ -58,11 +59,13 @@ def build(backbone_dir: Path, data: SequenceData, item_embeddings: Path, seed: i
     return {"bf16": bf16.train(), "4-bit path dtypes": kbit.train()}
 
 
-def saved_bytes(model: E4SRec, batch: dict) -> dict:
-    """Bytes of the tensors autograd saves for backward in one training forward under bf16 autocast,
-    each storage once and parameters left out, in total and by dtype; and the loss."""
+def one_step(model: E4SRec, batch: dict) -> dict:
+    """One training forward under bf16 autocast: the bytes of the tensors autograd saves for backward
+    (each storage once, parameters left out), in total and by dtype; the dtype of the hidden states
+    between decoder layers (the residual stream); and the loss."""
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, tuple[str, int]] = {}
+    residual: list[torch.dtype] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
@@ -70,28 +73,19 @@ def saved_bytes(model: E4SRec, batch: dict) -> dict:
             seen[storage.data_ptr()] = (str(tensor.dtype).removeprefix("torch."), storage.nbytes())
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(batch)
+    hook = model.backbone.get_base_model().layers[0].register_forward_hook(
+        lambda module, args, output: residual.append((output[0] if isinstance(output, tuple) else output).dtype))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(batch)
+    finally:
+        hook.remove()
     by_dtype: dict[str, int] = {}
     for dtype, nbytes in seen.values():
         by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
     return {"saved_bytes": sum(by_dtype.values()), "by_dtype": dict(sorted(by_dtype.items())),
-            "loss": float(loss.detach().float())}
-
-
-def residual_dtype(model: E4SRec, batch: dict) -> str:
-    """The dtype of the hidden states between decoder layers (the residual stream) in that forward."""
-    dtypes = []
-    layers = model.backbone.get_base_model().layers
-    hook = layers[0].register_forward_hook(lambda module, args, output: dtypes.append(
-        (output[0] if isinstance(output, tuple) else output).dtype))
-    try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            model(batch)
-    finally:
-        hook.remove()
-    return str(dtypes[0]).removeprefix("torch.")
+            "loss": float(loss.detach().float()), "residual_stream_dtype": str(residual[0]).removeprefix("torch.")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for variant, model in models.items():
         torch.manual_seed(args.seed)
-        results[variant] = saved_bytes(model, batch)
-        results[variant]["residual_stream_dtype"] = residual_dtype(model, batch)
+        results[variant] = one_step(model, batch)
     ratio = results["4-bit path dtypes"]["saved_bytes"] / results["bf16"]["saved_bytes"]
     write_json(args.out, record(
         experiment="saved-for-backward bytes of one E4SRec training step: bf16 against the 4-bit path's dtypes (CPU)",

@@ -13,23 +13,22 @@ records; a record without the fields is an error naming the file::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from e4srec.files import write_json  # noqa: E402
+from e4srec.files import read_json, write_json  # noqa: E402
 from e4srec.provenance import record  # noqa: E402
 
 
 def read(path: Path) -> tuple[str, str, str, float]:
     """(model, training device, GPU or "-", total seconds) of one run record."""
     try:
-        run = json.loads(path.read_text())
+        run = read_json(path)
         gpus = run.get("machine", {}).get("gpus") or ["-"]
         return run["model"], run["training"]["device"], gpus[0], float(run["total_seconds"])
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # ValueError: InputError from read_json included
         raise SystemExit(f"profile_time.py: {path}: not a readable run record ({err})")
     except (KeyError, TypeError) as err:
         raise SystemExit(f"profile_time.py: {path}: run record without the field {err}")
