@@ -124,6 +124,17 @@ def cmd_protocols(args) -> None:
     analysis.write_protocols(args.runs, args.out, args.flips_out)
 
 
+def cmd_headline(args) -> None:
+    from .headline import headline_markdown, write_readme
+
+    if args.readme:
+        changed = write_readme(args.readme, args.results)
+        print(f"{args.readme}: headline table {'rewritten' if changed else 'already up to date'}")
+    else:
+        tables = Path(args.results) / "tables"
+        print(headline_markdown(tables / "table3.csv", tables / "significance.csv"), end="")
+
+
 def cmd_rebuild(args) -> None:
     """Every table and figure from the run folders present under a results folder (no training)."""
     from . import analysis, efficiency, significance, tables
@@ -275,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", default="paper/paper_targets.tsv")
     p.add_argument("--datasets", nargs="*", default=["Beauty", "Sports_and_Outdoors", "Toys_and_Games", "Yelp"])
     p.set_defaults(func=cmd_rebuild)
+
+    p = sub.add_parser("headline", help="the README's headline table from a results folder's Table 3 and tests")
+    p.add_argument("results", nargs="?", default="results/paper", help="results folder (default results/paper)")
+    p.add_argument("--readme", help="rewrite this file's headline block instead of printing the table")
+    p.set_defaults(func=cmd_headline)
 
     p = sub.add_parser("audit", help="check every run's provenance, validation-based selection, split and negatives")
     p.add_argument("results", nargs="?", default="results/paper", help="results folder (default results/paper)")

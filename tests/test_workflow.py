@@ -209,28 +209,31 @@ def test_e4srec_variant_names_that_clash_are_errors(tmp_path, name):
 
 
 def test_paper_profiles_plan_valid_e4srec_parameters(tmp_path):
-    """The paper profile, alone and with the GPU-session overlay: every planned E4SRec run's parameters
-    build its model's configuration (the BERT encoder's unpacked); the overlay packs and compiles by
-    layers, and compiles the BERT encoder's step through ablation_settings (dry run)."""
+    """The paper profile, alone and with the paper-exact overlay: every planned E4SRec run's
+    parameters build its model's configuration (the BERT encoder's unpacked). The default packs and
+    compiles by layers, runs paper-batch (Table 5's training) beside it and compiles the BERT
+    encoder's step through ablation_settings; paper-exact trains every run as Table 5 does and drops
+    paper-batch (dry run)."""
     from e4srec.runs import model_class
 
-    for overlay in ([], ["config/gpu-budget.yaml"]):
+    for overlay in ([], ["config/paper-exact.yaml"]):
         result = snakemake("-n", "-p", "--configfile", "config/config.yaml", *overlay, "--config",
                            f"out={tmp_path}/results", f"resources={tmp_path}/resources")
         assert result.returncode == 0, result.stderr[-2000:]
         runs = [command for _, _, command in planned_training_jobs(result.stdout) if "--model E4SRec" in command]
-        # four datasets: three seeds, four ablations with three seeds; the overlay's paper-batch, three seeds
-        assert len(runs) == 4 * 3 + 4 * 4 * 3 + (4 * 3 if overlay else 0)
+        # four datasets: three seeds, four ablations with three seeds; the default's paper-batch, three seeds
+        assert len(runs) == 4 * 3 + 4 * 4 * 3 + (0 if overlay else 4 * 3)
         for command in runs:
             variant = re.search(r"--variant (\S+)", command).group(1)
             params = json_argument(command, "--params")
             train = json_argument(command, "--train-params")
             config = model_class("E4SRec", variant).config_class(**params)
-            if variant == "paper-batch":  # Table 5's training, beside the overlay's packed default
+            if variant == "bert-encoder":  # ablation_settings: compiled whole, whatever the layout
+                assert (config.training, config.compile, config.compile_scope) == ("examples", "always", "step")
+            elif variant == "paper-batch" or overlay:  # Table 5's training
+                assert not overlay or variant != "paper-batch"
                 assert (config.training, config.compile_scope, train["batch_size"]) == ("examples", "step", 16)
                 assert train["group_by_length"] is False and "--dataset-dir" in command
-            elif overlay and variant == "bert-encoder":  # the overlay's ablation_settings: compiled whole
-                assert (config.training, config.compile, config.compile_scope) == ("examples", "always", "step")
-            elif overlay:
+            else:
                 assert (config.training, config.compile_scope) == ("packed", "layers")
                 assert "compile" not in params

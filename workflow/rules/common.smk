@@ -97,6 +97,9 @@ def fetch_source(wildcards):
     return f"--mirror {config['data_mirror']}" if config["data_mirror"] else ""
 
 
+# A variant that a later config file disables is dropped (config/paper-exact.yaml drops paper-batch).
+config["e4srec"]["variants"] = {name: settings for name, settings in config["e4srec"]["variants"].items()
+                                if settings.get("enabled", True)}
 for _name in config["e4srec"]["variants"]:
     if _name == "default" or _name in E4SREC_ABLATIONS or not re.fullmatch(r"[A-Za-z0-9_.-]+", _name):
         raise ValueError(f"config key 'e4srec.variants': {_name!r} is not a valid variant name (letters, digits, "
