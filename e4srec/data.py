@@ -1,8 +1,11 @@
 """Datasets: download and verify, validate, split leave-one-out, sample negatives, Table 2.
 
 The four benchmark files are the S3-Rec preprocessed files the paper uses unchanged: one line per
-user, ``user_id item_id item_id ...`` in chronological order, ids from 1. A user's own dataset in
-the same format is one config entry (a name and a path); its checksum is recorded, not checked.
+user, ``user_id item_id item_id ...`` in chronological order, ids from 1. A user's own dataset is one
+config entry (a name and a path, or a mapping with its format); its checksum is recorded, not
+checked. Besides that format, interaction logs (CSV, TSV, Parquet, RecBole ``.inter``) and files in
+the S3-Rec layout with raw ids of any kind are read by :mod:`e4srec.interactions`, which numbers
+their ids 1..n and saves the numbering beside the prepared data (paper/DATA.md).
 
 Split (the paper's): the last item is the test target, the second to last the validation target,
 the rest is the training part. Model inputs are cut to the last ``max_len`` items (50).
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import shutil
 import urllib.request
@@ -19,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import interactions
 from .files import InputError, atomic_path, git_blob_sha1, read_json, sha256_file, write_json, write_parquet
+from .interactions import INT64_MAX, ITEM_IDS_FILE, USER_IDS_FILE, InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,17 @@ KNOWN_DATASETS = {
     "Yelp": KnownDataset("Yelp", "724b219106b81dd2349027da997334ddb6da9fe2f152ad6e0d97a93170f7caed",
                          "fbd75af7efe10bab288245c0d4a54ca3bf2faa3b"),
 }
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_dataset_name(name: str) -> str:
+    """A dataset name names folders and files: letters, digits, '_', '.', '-', from a letter or digit."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise InputError(f"dataset name {name!r} is not a safe file name (1 to 100 letters, digits, '_', '.' or "
+                         "'-', starting with a letter or digit, no '..'): it names the dataset's folders and files")
+    return name
 
 
 def paper_name(dataset: str) -> str:
@@ -80,6 +97,7 @@ def fetch_dataset(name: str, dest: str | Path, mirror: str | None = None, path: 
     their published sha256. A custom dataset (``path`` given) is copied and its sha256 recorded.
     """
     dest = Path(dest)
+    check_dataset_name(name)
     source = path if path else _source_of(f"{name}.txt", mirror)
     with atomic_path(dest) as tmp:
         try:
@@ -145,6 +163,10 @@ def parse_sequences(path: str | Path) -> dict[int, list[int]]:
         if bad is not None:
             raise InputError(f"{path}:{line_no}: non-integer token {bad!r}")
         ids = [int(token) for token in tokens]
+        big = next((i for i in ids if i > INT64_MAX), None)
+        if big is not None:
+            raise InputError(f"{path}:{line_no}: id {big} does not fit in 64 bits (this format uses ids as they "
+                             "are; format 'sequences' numbers ids of any kind 1..n)")
         user, items = ids[0], ids[1:]
         if user in sequences:
             raise InputError(f"{path}:{line_no}: duplicate line for user {user}")
@@ -158,17 +180,22 @@ def parse_sequences(path: str | Path) -> dict[int, list[int]]:
 
 
 SHORT_USER_POLICIES = ("drop", "error")
+ID_ORDER = ("users by their first kept interaction in chronological order (a stable sort by timestamp: file "
+            "order within equal timestamps); items by first appearance in the users' sequences read in user "
+            "order, each oldest first")
 
 
 def drop_short_users(sequences: dict[int, list[int]], min_interactions: int, policy: str,
-                     path: str | Path = "<sequences>") -> tuple[dict[int, list[int]], int]:
-    """Apply the short-user policy: ``drop`` (return the count dropped) or ``error``."""
+                     path: str | Path = "<sequences>", describe=None) -> tuple[dict[int, list[int]], int]:
+    """Apply the short-user policy: ``drop`` (return the count dropped) or ``error``; ``describe``
+    (user -> text) names a user in the message (default: its id)."""
     if policy not in SHORT_USER_POLICIES:
         raise InputError(f"{path}: unknown short-user policy {policy!r}; choose one of {SHORT_USER_POLICIES}")
     short = [u for u, items in sequences.items() if len(items) < min_interactions]
     if short and policy == "error":
+        first = describe(short[0]) if describe else short[0]
         raise InputError(f"{path}: {len(short)} users have fewer than {min_interactions} interactions "
-                         f"(first: user {short[0]}); leave-one-out needs a training, a validation and a test item")
+                         f"(first: user {first}); leave-one-out needs a training, a validation and a test item")
     kept = {u: items for u, items in sequences.items() if len(items) >= min_interactions}
     if short:
         log.warning("%s: dropped %d users with fewer than %d interactions", path, len(short), min_interactions)
@@ -232,26 +259,109 @@ def statistics(sequences: dict[int, list[int]], n_items: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Limits: what a prepared dataset will make the models allocate, against the machine's memory
+
+# One catalogue item costs at least a 64-float32 item table row with its gradient and two Adam
+# moments (1 KiB) and one float32 score for each user of a 256-user full-ranking batch (1 KiB); the
+# models add more (E4SRec's item scorer has a row of the backbone's hidden size).
+BYTES_PER_ITEM = 2048
+EVAL_BATCH = 256
+
+
+def machine_memory() -> int:
+    """Bytes of memory of this machine: physical memory, or the cgroup limit where lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes < 2**40 else f"{n_bytes / 2**40:,.1f} TiB"
+
+
+def check_catalogue(n_items: int, memory: int, where: str) -> None:
+    """Refuse a catalogue whose per-item arrays cannot fit ``memory`` bytes."""
+    need = n_items * BYTES_PER_ITEM
+    if need > memory:
+        raise InputError(f"{where}: a catalogue of {n_items:,} items needs at least {_gib(need)} ({BYTES_PER_ITEM} "
+                         f"bytes an item: item table, its gradient and Adam moments, scores of a {EVAL_BATCH}-user "
+                         f"batch); {_gib(memory)} of memory fits at most {memory // BYTES_PER_ITEM:,} items")
+
+
+def sequence_bytes(lengths: list[int], max_len: int) -> int:
+    """At least what ``max_len`` makes the models allocate: three int64 [users, max_len] matrices
+    (validation and test histories, training sequences), the int64 [examples, max_len] training
+    histories and one batch of float32 [256, max_len, max_len] attention scores."""
+    examples = sum(min(max(n - 3, 0), max_len) for n in lengths)
+    return 8 * max_len * (3 * len(lengths) + examples) + EVAL_BATCH * 4 * max_len ** 2
+
+
+def check_max_len(sequences: dict[int, list[int]], max_len: int, memory: int, where: str) -> None:
+    """Refuse a ``max_len`` whose padded matrices cannot fit ``memory`` bytes; say which fits."""
+    lengths = [len(items) for items in sequences.values()]
+    need = sequence_bytes(lengths, max_len)
+    if need <= memory:
+        return
+    low, high = 0, max_len  # the largest max_len that fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if sequence_bytes(lengths, mid) <= memory else (low, mid - 1)
+    raise InputError(f"{where}: max_len {max_len:,} needs at least {_gib(need)} for {len(lengths):,} users (padded "
+                     f"int64 histories and a {EVAL_BATCH}-row batch of attention scores); {_gib(memory)} of memory "
+                     f"fits max_len up to {low:,}")
+
+
+# ----------------------------------------------------------------------------------------------
 # The prepared dataset
 
 
 def prepare(name: str, raw_path: str | Path, out_dir: str | Path, *, raw_record: dict, max_len: int,
             min_interactions: int = 3, short_user_policy: str = "drop", subsample: int | None = None,
             subsample_seed: int = 0, n_negatives: int = 99, negatives_seed: int = 2023,
-            negatives_path: str | Path | None = None, negatives_record: dict | None = None) -> dict:
+            negatives_path: str | Path | None = None, negatives_record: dict | None = None,
+            source: InputSpec | dict | None = None, memory_bytes: int | None = None) -> dict:
     """Validate, subsample and fix negatives; write ``sequences.parquet``, ``negatives.parquet``
-    and ``dataset.json`` (statistics, sources, policies) into ``out_dir``."""
+    and ``dataset.json`` (statistics, sources, policies) into ``out_dir``.
+
+    ``source`` says how to read ``raw_path`` (an :class:`e4srec.interactions.InputSpec` or its
+    config mapping; default: the S3-Rec format, every interaction kept, ids as they are). Formats
+    that number ids anew also write ``user_ids.tsv`` and ``item_ids.tsv``. ``memory_bytes`` bounds
+    the catalogue and ``max_len`` (default: the spec's ``memory_gib``, else this machine's memory).
+    Nothing is written unless every check passes."""
     out_dir = Path(out_dir)
+    check_dataset_name(name)
+    spec = InputSpec.from_dict(source, f"{raw_path}: input settings")
+    memory = memory_bytes or (int(spec.memory_gib * 2**30) if spec.memory_gib else machine_memory())
     if min_interactions < 2:
         raise InputError(f"{raw_path}: min_interactions is {min_interactions}; leave-one-out needs at least "
                          "a validation and a test item per user (2; 3 to leave a training item)")
-    full = parse_sequences(raw_path)
-    n_items = max((max(items) for items in full.values() if items), default=0)
-    full, dropped = drop_short_users(full, min_interactions, short_user_policy, raw_path)
+    prepared, applied, describe = None, None, None
+    if spec.remaps:
+        prepared = interactions.prepare_log(interactions.read_log(raw_path, spec), spec)
+        full, n_items = prepared.sequences, len(prepared.items)
+        applied = prepared.report
+        check_catalogue(n_items, memory, str(raw_path))
+        describe = lambda u: f"{prepared.users.external(u)!r} ({prepared.first_place[u]})"  # noqa: E731
+    else:
+        full = parse_sequences(raw_path)
+        n_items = max((max(items) for items in full.values() if items), default=0)
+        if n_items * BYTES_PER_ITEM > memory:  # ids are array indices here: name the line of the largest
+            line = next(n for n, items in enumerate(full.values(), start=1) if n_items in items)
+            check_catalogue(n_items, memory, f"{raw_path}:{line}: item id {n_items} (ids are used as they are: "
+                                             "format 'sequences' numbers them 1..n)")
+        if not spec.is_default:
+            full, applied = interactions.filter_sequences(full, spec.duplicates, spec.core)
+    full, dropped = drop_short_users(full, min_interactions, short_user_policy, raw_path, describe)
     if not full:
         raise InputError(f"{raw_path}: no user has at least {min_interactions} interactions")
     full_stats = statistics(full, n_items)
     sequences = subsample_users(full, subsample, subsample_seed)
+    check_max_len(sequences, max_len, memory, str(raw_path))
     if negatives_path is not None:
         negatives = parse_negatives(negatives_path, sequences, n_negatives, n_items)
         negatives_info = {"origin": "downloaded (S3-Rec candidate file, git blob SHA-1 verified)", **(negatives_record or {})}
@@ -273,6 +383,15 @@ def prepare(name: str, raw_path: str | Path, out_dir: str | Path, *, raw_record:
         "negatives": {"count": n_negatives, **negatives_info},
         "split": "leave-one-out: last item test, second to last validation, the rest training",
     }
+    if applied is not None:  # the benchmark files' reading adds nothing: their dataset.json stays as it was
+        record["input"] = {**spec.as_record(), **applied}
+    if prepared is not None:
+        record["ids"] = {"users": USER_IDS_FILE, "items": ITEM_IDS_FILE, "order": ID_ORDER}
+        prepared.users.write(out_dir / USER_IDS_FILE)
+        prepared.items.write(out_dir / ITEM_IDS_FILE)
+    else:  # ids as they are: no numbering to keep (remove one a format that renumbered left behind)
+        for stale in (USER_IDS_FILE, ITEM_IDS_FILE):
+            (out_dir / stale).unlink(missing_ok=True)
     write_parquet(out_dir / "sequences.parquet", frame)
     write_parquet(out_dir / "negatives.parquet", neg_frame)
     write_json(out_dir / "dataset.json", record)
