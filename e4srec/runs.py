@@ -7,7 +7,9 @@ selected on the validation item. Checkpoints live in ``checkpoints/`` (not commi
 
 Under several processes (``accelerate launch``/``torchrun``, data-parallel training, see
 :mod:`e4srec.trainer`) every process trains; then the main process alone ranks the users and writes
-the run folder, and the others return None at once (the ranking is not sharded).
+the run folder, and the others return None at once (the ranking is not sharded). After FSDP, whose
+trained model stays sharded, the main process ranks with a whole copy: the model built again from
+its inputs and given the best checkpoint.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from .evaluate import rank_all
 from .files import InputError, save_tensors, sha256_file, write_json, write_parquet
 from .metrics import all_metrics
 from .recommender import Recommender
-from .trainer import TrainConfig, check_device, make_accelerator, train
+from .trainer import TrainConfig, check_device, make_accelerator, restore_best, seed_everything, train
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +190,14 @@ def run(dataset_dir: str | Path, model_name: str, out_dir: str | Path, *, varian
     if not accelerator.is_main_process:
         return None
     device = accelerator.device
+    if "fsdp" in training:  # FSDP left the trained weights sharded over the processes: rank with a whole copy,
+        del model  # built as above (same seeds, fitted as train() fits) and given the best checkpoint
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        model = build_model(model_name, data, params, variant=variant, **context).to(device)
+        seed_everything(seed)
+        model.fit(data)
+        restore_best(model, out_dir / "checkpoints", training)
     model.to(device).eval()
     eval_started = time.perf_counter()
     ranks = rank_all(model.full_sort_predict, data, train_config.eval_batch_size, device, ties)

@@ -21,6 +21,15 @@ Each process draws its own dropout and negatives (seeded by (seed, epoch, rank))
 is that of the global batches; every process validates, and all of them take the main process's
 NDCG@10, so that they stop and select alike. The main process alone writes checkpoints, the others
 wait for it (one machine, or a shared file system).
+
+Sharded (FSDP2, ``accelerate launch --use_fsdp --fsdp_version 2``, :func:`prepare_fsdp`): the same
+batches, slices, loss weights and schedule, but every process holds only its shard of each weight
+(frozen backbone included); each transformers layer class the model holds (its backbones'
+``_no_split_modules``, LlamaDecoderLayer for a LLaMA) is one FSDP unit, the rest of the model the
+root unit. Checkpoints hold whole tensors (gathered from the shards), so they resume under DDP, FSDP
+or one process alike. Every process validates (the root unit's weights gathered for it); the
+trained model stays sharded, and :func:`e4srec.runs.run` ranks on the main process with a whole copy
+rebuilt from the backbone folder and the best checkpoint (:func:`restore_best`).
 """
 from __future__ import annotations
 
@@ -251,6 +260,87 @@ def _settle_checkpoint(checkpoint_dir: Path, epoch: int) -> None:
             staged.unlink()
 
 
+def fsdp_asked() -> bool:
+    """Whether the launcher asked for FSDP (``accelerate launch --use_fsdp`` sets ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def is_sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def transformer_layer_classes(model: torch.nn.Module) -> list[str]:
+    """The transformers layer classes the model holds (its submodules' ``_no_split_modules`` that it
+    instantiates): FSDP's units. None for a model without a transformers backbone (the baselines)."""
+    named = {name for module in model.modules() for name in (getattr(module, "_no_split_modules", None) or [])}
+    present = {type(module).__name__ for module in model.modules()}
+    return sorted(named & present)
+
+
+def prepare_fsdp(accelerator, model: torch.nn.Module) -> dict:
+    """Set accelerate's FSDP plugin up for ``model`` before ``accelerator.prepare``; what is recorded.
+
+    FSDP2 only (``fully_shard``: per-parameter sharding, so frozen and trainable weights share a unit
+    without FSDP1's ``use_orig_params``). Each transformers layer is a unit (transformer-layer
+    auto-wrap of :func:`transformer_layer_classes`), the root unit takes the rest (embeddings, the
+    item projection and head). The mixed-precision policy keeps every weight in its own dtype and
+    reduces gradients in theirs (float32 for LoRA, the projection and the head), as DDP does: bf16
+    compute comes from the trainer's autocast in both. Every process loaded the whole model itself,
+    so no process broadcasts its weights (``cpu_ram_efficient_loading`` off)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise InputError(f"FSDP version {plugin.fsdp_version}: the trainer shards through FSDP2 "
+                         "(accelerate launch --use_fsdp --fsdp_version 2)")
+    quantised = sorted({str(p.dtype) for p in model.parameters() if not p.is_floating_point()})
+    if quantised:
+        raise InputError(f"FSDP cannot shard quantised weights ({', '.join(quantised)}: load_in 8bit/4bit); "
+                         "load the backbone unquantised (load_in: none) or train with DDP")
+    if getattr(model, "shares_prefix", None) is not None:
+        model.train()
+        if model.shares_prefix(accelerator.device):
+            raise InputError("FSDP: the training step shares the instruction prefix's keys and values between rows "
+                             "(share_prefix always, or auto on the CPU); they pass from layer to layer outside the "
+                             "layers' outputs, so FSDP frees the weights their backward needs. Set share_prefix: "
+                             "never (auto does not share in training on a GPU)")
+    layers = transformer_layer_classes(model)
+    if plugin.auto_wrap_policy is None:
+        plugin.auto_wrap_policy = transformer_auto_wrap_policy
+    if plugin.transformer_cls_names_to_wrap is None:
+        plugin.transformer_cls_names_to_wrap = layers
+    plugin.mixed_precision_policy = MixedPrecisionPolicy()
+    plugin.cpu_ram_efficient_loading = False
+    return {"version": 2, "units": list(plugin.transformer_cls_names_to_wrap) or ["(root only)"],
+            "reshard_after_forward": bool(plugin.reshard_after_forward),
+            "mixed_precision": "weights and gradient reduction in each weight's own dtype; bf16 by autocast"}
+
+
+def _is_dtensor(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def whole_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sharded tensors (FSDP's DTensors) gathered whole, on every process (a collective: all of them
+    call it with the same names in the same order); plain tensors as they are."""
+    return {name: tensor.full_tensor() if _is_dtensor(tensor) else tensor for name, tensor in tensors.items()}
+
+
+def _like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) as ``target`` holds it: this process's shard where ``target`` is sharded."""
+    if not _is_dtensor(target):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    whole = value.to(device=target.device, dtype=target.dtype)
+    return distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None)
+
+
 def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
 
@@ -316,8 +406,9 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     buffers = {name for name, _ in model.named_buffers()}
     for name, tensor in model.state_dict().items():
-        if (name in trainable or name in buffers) and tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
+        pointer = (tensor.to_local() if _is_dtensor(tensor) else tensor).data_ptr()  # FSDP: this process's shard
+        if (name in trainable or name in buffers) and pointer not in seen:
+            seen.add(pointer)
             state[name] = tensor
     return state
 
@@ -331,7 +422,8 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
         if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
             raise InputError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(expected[name].shape)}")
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict({name: _like(tensor, expected[name]) if name in expected else tensor
+                           for name, tensor in state.items()}, strict=False)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -347,9 +439,15 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    # the parameter of each id (state_dict numbers them in param_groups order): under FSDP a moment
+    # of a sharded parameter is loaded as its shard
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         pid, name = key.split(".", 1)
+        param = params[int(pid)] if int(pid) < len(params) else None
+        if torch.is_tensor(value) and param is not None and _is_dtensor(param) and value.shape == param.shape:
+            value = _like(value, param)
         state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
@@ -366,6 +464,28 @@ def validation_ndcg10(model: Recommender, data: SequenceData, config: TrainConfi
         ranks = rank_split(model.full_sort_predict, data, "valid", config.eval_batch_size, device)["full"]
     model.train()
     return ndcg(ranks, 10)
+
+
+def sharded_validation_ndcg10(model: Recommender, data: SequenceData, config: TrainConfig, device) -> float:
+    """:func:`validation_ndcg10` of a model sharded by FSDP, on every process at once: scoring is no
+    forward call, so the root unit's weights (embeddings, item projection and head) are gathered for
+    it and sharded again after; each layer unit gathers its own as it runs. A cache that a model keys
+    on its parameter objects (E4SRec's prefix keys and values) is dropped first: FSDP replaced them."""
+    if getattr(model, "_prefix_cache", None) is not None:
+        model._prefix_cache = None
+    model.unshard()
+    try:
+        return validation_ndcg10(model, data, config, device)
+    finally:
+        model.reshard()
+
+
+def restore_best(model: Recommender, checkpoint_dir: str | Path, record: dict) -> None:
+    """Load the best checkpoint of a finished run (its record: :func:`train`'s) into a fresh, whole copy
+    of its model (after FSDP, whose trained model stays sharded); none where no epoch was trained."""
+    if record.get("best_epoch", -1) >= 0:
+        best = Path(checkpoint_dir) / "best.safetensors"
+        load_trainable_state(model, load_tensors(best), best)
 
 
 def _discard_foreign_checkpoint(checkpoint_dir: Path, resume_key: dict) -> None:
@@ -396,8 +516,14 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
     checkpoint_dir = Path(checkpoint_dir)
     accelerator = make_accelerator(config)
     device = accelerator.device
+    sharded = is_sharded(accelerator)
+    if fsdp_asked() and not sharded and accelerator.num_processes > 1:
+        raise RuntimeError(f"FSDP was asked for (ACCELERATE_USE_FSDP, accelerate launch --use_fsdp), but accelerate "
+                           f"runs these {accelerator.num_processes} processes as {accelerator.distributed_type.value}: "
+                           "it turns FSDP on for GPU processes only (on the CPU it keeps DDP)")
     seed_everything(config.seed)
-    model.to(device)
+    if not sharded:  # FSDP moves each unit's shard to the GPU itself (never the whole model)
+        model.to(device)
     model.fit(data)  # runs on the model's device (S3-Rec pretrains here)
     record = {"config": dataclasses.asdict(config), "device": str(device), "world_size": accelerator.num_processes,
               "distributed_type": accelerator.distributed_type.value, "epochs": []}
@@ -419,8 +545,17 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
         from transformers import get_constant_schedule_with_warmup
 
         scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
+    if sharded:
+        record["fsdp"] = prepare_fsdp(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    if sharded:  # fully_shard replaced the parameters by their shards (DTensors)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        record["fsdp"].update(parameters=sum(p.numel() for p in model.parameters()), parameters_here=sum(
+            (p.to_local() if _is_dtensor(p) else p).numel() for p in model.parameters()))  # the main process's shard
+        if config.oom_retry:
+            raise InputError("oom_retry is not available under FSDP: its reduce-scatter starts during backward and "
+                             "cannot be taken back when one process runs out of memory; train without oom_retry")
 
     state = {"epoch": -1, "best_epoch": -1, "best_valid_ndcg10": -1.0, "bad_epochs": 0, "step": 0,
              "train_seconds": 0.0, "epochs": []}
@@ -505,7 +640,7 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
                 bar.set_postfix(loss=f"{losses.total * world / (index + 1):.4f}")
         total_loss = losses.check()  # waits for the epoch's last step
         seconds = time.perf_counter() - started
-        valid = validation_ndcg10(raw_model, data, config, device)
+        valid = (sharded_validation_ndcg10 if sharded else validation_ndcg10)(raw_model, data, config, device)
         if world > 1:  # the global batches' mean loss; every process keeps the main one's validation
             from accelerate.utils import broadcast, reduce
 
@@ -521,14 +656,20 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
             state.update(best_epoch=epoch, best_valid_ndcg10=valid, bad_epochs=0)
         else:
             state["bad_epochs"] += 1
+        if sharded:  # every process gathers the whole tensors (collectives); the main one writes them
+            weights = whole_tensors(trainable_state(raw_model))
+            opt_tensors, state["optimizer"] = _optimizer_tensors(optimizer)
+            opt_tensors = whole_tensors(opt_tensors)
         if main:
             log.info("%s epoch %d: loss %.4f, valid NDCG@10 %.4f, %.1f s", data.name, epoch,
                      total_loss / max(n_batches, 1), valid, seconds)
-            weights = trainable_state(raw_model)
+            if not sharded:
+                weights = trainable_state(raw_model)
             tag = {"epoch": str(epoch)}  # staged, then committed by state.json (see _settle_checkpoint)
             if improved:
                 save_tensors(checkpoint_dir / "best.next.safetensors", weights, metadata=tag)
-            opt_tensors, state["optimizer"] = _optimizer_tensors(optimizer)
+            if not sharded:
+                opt_tensors, state["optimizer"] = _optimizer_tensors(optimizer)
             save_tensors(checkpoint_dir / "last.next.safetensors", weights, metadata=tag)
             save_tensors(checkpoint_dir / "optimizer.next.safetensors", opt_tensors, metadata=tag)
             write_json(state_path, state)  # the commit: it marks the epoch as complete

@@ -12,6 +12,16 @@ slices' weighting is exact; E4SRec packed (compiled by layers) weights its slice
 main process alone writes the run folder; a run killed mid-epoch resumes from its last checkpoint
 under two processes and ends where the uninterrupted one does, and an out-of-memory step on one
 process is retried in micro-batches on all of them (``oom_retry``).
+
+Sharded (FSDP2, ``distributed: fsdp``): the rules' ``accelerate launch --use_fsdp --fsdp_version 2 ...``
+command. accelerate turns FSDP on for GPU processes only (``accelerate/state.py`` switches only the
+MULTI_GPU-like types to FSDP; CPU processes stay MULTI_CPU, the plugin dropped without a word), so the
+trainer refuses such a launch on the CPU, and the tests' worker (:data:`FSDP_WORKER`) sets accelerate's
+state to FSDP with the launcher's plugin; from there on the trainer runs its GPU path, and torch's
+``fully_shard`` shards over gloo. E4SRec's LLaMA layers are then FSDP units (SASRec, without
+transformers layers, one root unit), and the runs match one process up to float rounding, resumed
+after a kill too: FSDP reduce-scatters each gradient as the sum of the two processes' halves, one
+process sums the whole batch, so the numbers agree to rounding, not bit for bit.
 """
 from __future__ import annotations
 
@@ -41,6 +51,38 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 # The rules' launch (workflow/rules/common.smk); without a GPU, device: cpu makes the processes MULTI_CPU
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+# The rules' launch under `distributed: fsdp` (workflow/rules/common.smk, FSDP_LAUNCH)
+FSDP_ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+                   "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_reshard_after_forward", "true",
+                   "--fsdp_cpu_ram_efficient_loading", "false", *ACCELERATE[4:]]
+
+# A worker for that launch on the CPU: accelerate's state set to FSDP (the plugin from the launcher's
+# FSDP_* variables), which accelerate does for GPU processes only; KILL_AT_STEP as in WORKER.
+FSDP_WORKER = """
+import os, signal, sys
+from accelerate import FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType
+from e4srec import cli, trainer
+
+make_accelerator, shard_batch = trainer.make_accelerator, trainer.shard_batch
+rank, kill_at, steps = int(os.environ["RANK"]), int(os.environ.get("KILL_AT_STEP", 0)), [0]
+
+def sharding_accelerator(config):
+    accelerator = make_accelerator(config)
+    if accelerator.distributed_type != DistributedType.FSDP:
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        accelerator.state.distributed_type = DistributedType.FSDP
+    return accelerator
+
+def counting_shard_batch(batch, rank_, world, *terms):
+    steps[0] += 1
+    if rank == 0 and steps[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return shard_batch(batch, rank_, world, *terms)
+
+trainer.make_accelerator, trainer.shard_batch = sharding_accelerator, counting_shard_batch
+sys.exit(cli.main(sys.argv[1:]))
+"""
 
 # A worker for torchrun: `e4srec train` with faults injected (environment variables): KILL_AT_STEP
 # SIGKILLs process 0 before that training step (counted from 1 within this launch), OOM_ONCE makes
@@ -234,3 +276,119 @@ def test_shard_batch_shares_follow_the_loss_terms():
     shares = [shard_batch(batch, rank, 2, terms)[1] for rank in range(2)]
     assert shares == [pytest.approx(3 / 9), pytest.approx(6 / 9)]
     assert shard_batch(batch, 0, 1, terms) == (batch, 1.0)
+
+
+E4SREC_FSDP_PARAMS = {"lora_r": 4, "lora_dropout": 0.0, "share_prefix": "never"}
+E4SREC_FSDP_TRAIN = {"epochs": 2, "batch_size": 7, "max_steps_per_epoch": 4, "learning_rate": 1e-3,
+                     "eval_batch_size": 16, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def tiny_e4srec(tmp_path_factory) -> dict:
+    """A tiny LLaMA backbone, item table and dataset (12 users), and a one-process E4SRec run on them
+    (share_prefix never: see test_fsdp_refuses_a_shared_prefix)."""
+    from tiny_llm import write_item_embeddings, write_tiny_backbone, write_tiny_dataset
+
+    root = tmp_path_factory.mktemp("fsdp")
+    context = {"backbone_dir": write_tiny_backbone(root / "backbone"),
+               "item_embeddings": write_item_embeddings(root / "items.safetensors", 30)}
+    dataset_dir = write_tiny_dataset(root / "data" / "tiny", n_users=12, n_items=30)
+    reference = runs.run(dataset_dir, "E4SRec", root / "single", params=E4SREC_FSDP_PARAMS,
+                         train_params=E4SREC_FSDP_TRAIN, progress=False, **context)
+    return {"root": root, "dataset_dir": dataset_dir, "context": context,
+            "reference": json.loads(json.dumps(reference, default=str))}
+
+
+def e4srec_args(tiny: dict, out: Path, params: dict = E4SREC_FSDP_PARAMS) -> list[str]:
+    return train_args(tiny["dataset_dir"], out, "E4SRec", params, E4SREC_FSDP_TRAIN,
+                      "--backbone", str(tiny["context"]["backbone_dir"]),
+                      "--item-embeddings", str(tiny["context"]["item_embeddings"]))
+
+
+def test_fsdp_e4srec_matches_one_process(tiny_e4srec, tmp_path):
+    """E4SRec sharded over two processes (each LlamaDecoderLayer an FSDP unit, LoRA, projection and head
+    trained): one process's losses, validation and test metrics, item scorer and LoRA weights."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(FSDP_WORKER)
+    out = tmp_path / "run"
+    result = launch(FSDP_ACCELERATE, [str(worker), *e4srec_args(tiny_e4srec, out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = read_run(out)
+    training = record["training"]
+    assert training["world_size"] == 2 and training["distributed_type"] == "FSDP"
+    assert training["fsdp"]["version"] == 2 and training["fsdp"]["units"] == ["LlamaDecoderLayer"]
+    assert training["fsdp"]["reshard_after_forward"] is True
+    fsdp = training["fsdp"]  # every weight sharded: the main process holds about half of them
+    assert fsdp["parameters"] / 2 <= fsdp["parameters_here"] < fsdp["parameters"] * 0.55, fsdp
+    assert "fsdp" not in tiny_e4srec["reference"]["training"]
+    assert_same_run(record, tiny_e4srec["reference"])
+    sharded = load_tensors(out / "checkpoints" / "best.safetensors")
+    single = load_tensors(tiny_e4srec["root"] / "single" / "checkpoints" / "best.safetensors")
+    assert sorted(sharded) == sorted(single) and any("lora_B" in name for name in single)
+    for name, tensor in single.items():  # whole tensors, gathered from the shards
+        torch.testing.assert_close(sharded[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    assert (out / "components").is_dir()
+
+
+def test_fsdp_killed_run_resumes(tiny_e4srec, tmp_path):
+    """Process 0 killed (SIGKILL) in epoch 1 under FSDP; the relaunch loads the whole checkpoint
+    (weights and Adam's moments) into the shards and ends with one uninterrupted process's numbers."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(FSDP_WORKER)
+    out = tmp_path / "run"
+    args = [str(worker), *e4srec_args(tiny_e4srec, out)]
+    killed = launch(FSDP_ACCELERATE, args, KILL_AT_STEP=6)  # 4 steps an epoch
+    assert killed.returncode != 0
+    assert not (out / "run.json").exists()
+    assert json.loads((out / "checkpoints" / "state.json").read_text())["epoch"] == 0
+    resumed = launch(FSDP_ACCELERATE, args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(read_run(out), tiny_e4srec["reference"])
+
+
+def test_fsdp_sasrec_is_one_unit(sasrec, tmp_path):
+    """A model without transformers layers (SASRec) is sharded as one root unit; one process's numbers."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(FSDP_WORKER)
+    out = tmp_path / "run"
+    result = launch(FSDP_ACCELERATE, [str(worker), *train_args(sasrec["dataset_dir"], out, "SASRec", SASREC_PARAMS,
+                                                               SASREC_TRAIN)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = read_run(out)
+    assert record["training"]["distributed_type"] == "FSDP" and record["training"]["fsdp"]["units"] == ["(root only)"]
+    assert_same_run(record, sasrec["reference"])
+
+
+def test_fsdp_on_the_cpu_is_refused_as_accelerate_runs_it(sasrec, tmp_path):
+    """Without the worker, accelerate runs an FSDP launch's CPU processes as DDP (MULTI_CPU): the
+    trainer says so instead of training unsharded."""
+    result = launch(FSDP_ACCELERATE, ["-m", "e4srec.cli", *train_args(sasrec["dataset_dir"], tmp_path / "run", "SASRec",
+                                                                       SASREC_PARAMS, SASREC_TRAIN)])
+    assert result.returncode != 0
+    assert "accelerate runs these 2 processes as MULTI_CPU" in result.stderr, result.stderr[-3000:]
+
+
+def test_fsdp_refuses_a_shared_prefix(tiny_e4srec, tmp_path):
+    """share_prefix auto shares the prefix in training on the CPU: its keys and values cross FSDP's layer
+    units outside their outputs, whose backward would need weights FSDP freed (torch: "setStorage: ...
+    out of bounds for storage of size 0"); the trainer refuses it up front."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(FSDP_WORKER)
+    params = {**E4SREC_FSDP_PARAMS, "share_prefix": "auto"}
+    result = launch(FSDP_ACCELERATE, [str(worker), *e4srec_args(tiny_e4srec, tmp_path / "run", params)])
+    assert result.returncode != 0
+    assert "FSDP: the training step shares the instruction prefix" in result.stderr, result.stderr[-3000:]
+
+
+def test_workflow_launches_fsdp(tmp_path):
+    """distributed: fsdp with gpus_per_job 2 gives every training job the FSDP launch (dry run); the
+    default (ddp) keeps `--multi_gpu` (tests/test_workflow.py)."""
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--nolock", "-n", "-p", "--configfile",
+                             ".test/config.yaml", "--config", f"out={tmp_path}/results", f"resources={tmp_path}/resources",
+                             "device=cuda", "gpus_per_job=2", "distributed=fsdp"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    launch_command = " ".join(["accelerate launch", *FSDP_ACCELERATE[3:], "-m e4srec.cli train --dataset-dir"])
+    commands = [line for line in result.stdout.splitlines() if "e4srec.cli train" in line]
+    assert commands and all(launch_command in line for line in commands), commands[:2]
+    assert "--multi_gpu" not in result.stdout
