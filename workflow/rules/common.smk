@@ -25,8 +25,12 @@ def on_gpus(command, gpus):
     return f"e4srec gpu-slot --gpus {gpus} --jobs-per-gpu {config['jobs_per_gpu']} -- {command}"
 
 
+# distributed: fsdp shards the weights over those processes instead (FSDP2, paper/DISTRIBUTED.md)
+FSDP_LAUNCH = ("--use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP "
+               "--fsdp_reshard_after_forward true --fsdp_cpu_ram_efficient_loading false")
 TRAIN_COMMAND = on_gpus("e4srec train" if TRAIN_GPUS <= 1 else (
-    f"accelerate launch --multi_gpu --num_processes {TRAIN_GPUS} --num_machines 1 --mixed_precision no "
+    f"accelerate launch {FSDP_LAUNCH if config['distributed'] == 'fsdp' else '--multi_gpu'} "
+    f"--num_processes {TRAIN_GPUS} --num_machines 1 --mixed_precision no "
     "--dynamo_backend no --main_process_port 0 -m e4srec.cli train"), TRAIN_GPUS)
 
 for _name in config["datasets"]:
