@@ -392,3 +392,17 @@ def test_workflow_launches_fsdp(tmp_path):
     commands = [line for line in result.stdout.splitlines() if "e4srec.cli train" in line]
     assert commands and all(launch_command in line for line in commands), commands[:2]
     assert "--multi_gpu" not in result.stdout
+
+
+def test_fsdp_benchmark_dry_run_uses_the_rules_launch():
+    """workflow/scripts/fsdp_benchmark.py (GPU only) prints its commands with --dry-run: the DDP and the
+    FSDP launch of the rules, the same training otherwise."""
+    result = subprocess.run([sys.executable, "workflow/scripts/fsdp_benchmark.py", "--dry-run", "--dataset-dir", "D",
+                             "--item-embeddings", "I", "--tokenizer-from", "T", "--work", "W"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    backbone, ddp, fsdp = result.stdout.splitlines()
+    assert "random_backbone.py --preset 13b" in backbone
+    assert " ".join(["accelerate launch", *ACCELERATE[3:]]) in ddp
+    assert " ".join(["accelerate launch", *FSDP_ACCELERATE[3:]]) in fsdp
+    assert ddp.split("-m e4srec.cli train")[1].replace("runs/ddp", "runs/fsdp") == fsdp.split("-m e4srec.cli train")[1]
