@@ -29,8 +29,12 @@ def _json_arg(text: str) -> dict:
 
 def cmd_fetch(args) -> None:
     from . import data
+    from .interactions import InputSpec
 
+    spec = InputSpec.from_dict(args.input, "--input") if args.input is not None else None
     record = data.fetch_dataset(args.dataset, args.out, mirror=args.mirror, path=args.path)
+    if spec is not None:  # how `e4srec prepare` reads the file (paper/DATA.md)
+        record["input"] = spec.as_record()
     negatives_dir = Path(args.negatives_dir)
     negatives_dir.mkdir(parents=True, exist_ok=True)
     record["negatives"] = None
@@ -54,7 +58,7 @@ def cmd_prepare(args) -> None:
         subsample=args.subsample, subsample_seed=args.subsample_seed, n_negatives=args.negatives_count,
         negatives_seed=args.negatives_seed,
         negatives_path=Path(args.negatives_dir) / negatives["file"] if negatives else None,
-        negatives_record=negatives)
+        negatives_record=negatives, source=raw_record.get("input"))
     log.info("%s: %s", args.dataset, record["statistics"])
 
 
@@ -205,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", help="a custom dataset's file (checksum recorded, not checked)")
     p.add_argument("--negatives", choices=["auto", "draw"], default="auto",
                    help="auto: try to download S3-Rec's candidate file; draw: do not")
+    p.add_argument("--input", type=_json_arg, default=None,
+                   help="a custom dataset's format and log settings, a JSON object (paper/DATA.md), "
+                        "kept in the record for `e4srec prepare`")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("prepare", help="validate, subsample, split and fix negatives of one dataset")

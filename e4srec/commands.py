@@ -66,16 +66,21 @@ def cmd_instruct(args) -> int:
 def cmd_recommend(args) -> int:
     from .deploy import E4SRecService, read_components
 
-    try:
-        history = [int(token) for token in args.history.replace(",", " ").split()]
-    except ValueError:
-        raise InputError(f"--history {args.history!r}: expected item ids separated by spaces") from None
+    if args.item_ids:  # the dataset's own ids: any text, separated by white space
+        history = args.history.split()
+    else:
+        try:
+            history = [int(token) for token in args.history.replace(",", " ").split()]
+        except ValueError:
+            raise InputError(f"--history {args.history!r}: expected item ids separated by spaces") from None
     service = E4SRecService(args.backbone, device=args.device, load_in=args.load_in)
     for folder in args.components:
-        service.add(read_components(folder)["dataset"], folder)
+        name = read_components(folder)["dataset"]
+        service.add(name, folder, item_ids=args.item_ids if name == args.dataset else None)
     items = service.recommend(args.dataset, history, k=args.k, exclude_history=args.exclude_history)
-    _print({"dataset": args.dataset, "history": history, "k": args.k, "exclude_history": args.exclude_history,
-            "items": items, "loaded": service.names})
+    printed = {"dataset": args.dataset, "history": history, "k": args.k, "exclude_history": args.exclude_history,
+               "items": items, "loaded": service.names}
+    _print({**printed, "item_ids": args.item_ids} if args.item_ids else printed)
     return 0
 
 
@@ -177,6 +182,8 @@ def register(subparsers) -> None:
     p.add_argument("--history", required=True, help='item ids, oldest first, e.g. "1 2 3"')
     p.add_argument("-k", type=int, default=10, help="number of items (default 10)")
     p.add_argument("--exclude-history", action="store_true", help="never recommend an item of the history")
+    p.add_argument("--item-ids", help="DATASET's item_ids.tsv (beside its prepared data): the history and the "
+                                      "items printed are then the dataset's own ids (paper/DATA.md)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--load-in", default="none", choices=["none", "8bit", "4bit"])
     p.set_defaults(func=cmd_recommend)

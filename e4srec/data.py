@@ -84,6 +84,18 @@ def _copy_from(source: str, dest: Path) -> None:
         shutil.copyfile(source, dest)
 
 
+def fetch_arguments(entry: str | dict) -> str:
+    """``e4srec fetch``'s source arguments for a custom dataset's config entry: ``--path`` and, for a
+    mapping, its settings but the path as ``--input JSON`` (shell-quoted)."""
+    import json
+    import shlex
+
+    if isinstance(entry, str):
+        return f"--path {shlex.quote(entry)}"
+    settings = json.dumps({k: v for k, v in entry.items() if k != "path"}, sort_keys=True)
+    return f"--path {shlex.quote(str(entry['path']))} --input {shlex.quote(settings)}"
+
+
 def _source_of(filename: str, mirror: str | None) -> str:
     if not mirror:
         return CANONICAL_URL + filename

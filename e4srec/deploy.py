@@ -13,7 +13,8 @@ A components folder holds only what a dataset adds to the shared backbone:
 :class:`E4SRecService` loads a backbone once and plugs in any number of components folders (PEFT
 multi-adapter: ``load_adapter`` under the dataset's name, ``set_adapter`` to switch); every
 mismatch (backbone checksum, hidden size, item count, shapes, item table checksum) is an error
-that names the file.
+that names the file. Added with its ``item_ids.tsv`` (written beside the prepared data of a dataset
+whose ids were numbered anew, paper/DATA.md), a dataset takes and returns the user's own item ids.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 
 from .backbone import load_backbone, load_tokenizer, read_backbone_record, weights_bytes
 from .files import InputError, atomic_dir, load_tensors, read_json, save_tensors, sha256_file, write_json
+from .interactions import IdMap
 from .model import (E4SRec, E4SRecConfig, left_pad_tensor, load_item_embeddings, quiet_peft,
                     validate_histories)
 
@@ -147,13 +149,15 @@ class E4SRecService:
         self._tokenizer = load_tokenizer(backbone_dir)
         self._peft = None
         self.models: dict[str, E4SRec] = {}
+        self.item_ids: dict[str, IdMap] = {}  # datasets served in their own item ids
 
     @property
     def names(self) -> list[str]:
         return list(self.models)
 
-    def add(self, name: str, components_dir: str | os.PathLike) -> dict:
-        """Plug in a dataset's components under ``name``; return its components.json."""
+    def add(self, name: str, components_dir: str | os.PathLike, item_ids: str | os.PathLike | None = None) -> dict:
+        """Plug in a dataset's components under ``name``; return its components.json. With ``item_ids``
+        (the dataset's item_ids.tsv), :meth:`recommend` takes and returns the dataset's own item ids."""
         from peft import PeftModel
 
         folder = Path(components_dir)
@@ -187,6 +191,10 @@ class E4SRecService:
                                  f"(n_items {record['n_items']}, hidden size {hidden})")
 
         table = load_item_embeddings(table_path, record["n_items"], config.item_embedding_dim)
+        id_map = IdMap.read(item_ids, "item") if item_ids is not None else None
+        if id_map is not None and len(id_map) != record["n_items"]:
+            raise InputError(f"{item_ids}: {len(id_map)} items, but {folder / RECORD_FILE} has n_items "
+                             f"{record['n_items']}: not the id map of the data these components were trained on")
 
         adapter_dir = folder / ADAPTER_DIR  # every check passed: only now touch the shared backbone
         with quiet_peft():
@@ -201,6 +209,8 @@ class E4SRecService:
         model.to(self.device).eval()
         model.requires_grad_(False)
         self.models[name] = model
+        if id_map is not None:
+            self.item_ids[name] = id_map
         return record
 
     def model(self, name: str) -> E4SRec:
@@ -215,8 +225,13 @@ class E4SRecService:
         histories = validate_histories(histories, model.n_items, model.max_len)
         return model.full_sort_predict({"history": left_pad_tensor(histories, self.device)})
 
-    def recommend(self, name: str, history: Sequence[int], k: int = 10, exclude_history: bool = False) -> list[int]:
-        """Top-``k`` item ids (1..n_items, best first) of dataset ``name`` for one user's history."""
+    def recommend(self, name: str, history: Sequence, k: int = 10, exclude_history: bool = False) -> list:
+        """Top-``k`` item ids (best first) of dataset ``name`` for one user's history: ids 1..n_items,
+        or the dataset's own ids (text) where it was added with its ``item_ids``."""
         if isinstance(history, (str, bytes)):
             raise InputError(f"history: expected a list of item ids, got {history!r}")
-        return self.model(name).recommend([history], k, exclude_history=exclude_history)[0]
+        id_map = self.item_ids.get(name)
+        if id_map is not None:
+            history = [id_map.internal(item, "history") for item in history]
+        items = self.model(name).recommend([history], k, exclude_history=exclude_history)[0]
+        return [id_map.external(item) for item in items] if id_map is not None else items

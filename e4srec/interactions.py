@@ -350,7 +350,8 @@ def read_delimited(path: str | Path, format: str, columns: Columns) -> Log:
                 ratings.append(_number(row[index["rating"]], "rating", columns.rating, at))
             where.append(start)
     except csv.Error as err:
-        raise InputError(f"{path}:{reader.line_num}: {err}") from None
+        hint = " (a quote opened and never closed: the file looks truncated)" if "end of data" in str(err) else ""
+        raise InputError(f"{path}:{reader.line_num}: malformed {format} row: {err}{hint}") from None
     if not users:
         raise InputError(f"{path}: no interactions (only a header)")
     return Log(path, "line", np.asarray(users, dtype=object), np.asarray(items, dtype=object),
