@@ -1,4 +1,16 @@
 # Datasets: fetch (URL or mirror, checksum-verified), validate and split, Table 2.
+# A custom dataset given as a mapping (path, format, columns, ...: paper/DATA.md) reaches
+# `e4srec fetch --input JSON`, which keeps the settings in the fetch record for `e4srec prepare`;
+# its fetched copy is named DATASET.txt whatever its format. Formats that number ids anew also
+# write user_ids.tsv and item_ids.tsv beside dataset.json.
+from e4srec.data import check_dataset_name, fetch_arguments
+from e4srec.files import InputError
+
+for _name in [*config["datasets"], *config["custom_datasets"]]:
+    try:
+        check_dataset_name(_name)
+    except InputError as _err:
+        raise ValueError(f"config key 'datasets' or 'custom_datasets': {_err}") from None
 
 
 rule fetch_dataset:
@@ -7,7 +19,10 @@ rule fetch_dataset:
         record=f"{RES}/raw/{{dataset}}.json",
         negatives=directory(f"{RES}/raw/{{dataset}}_negatives"),
     params:
-        source=fetch_source,
+        # a custom dataset given as a mapping: --path and --input JSON; else fetch_source (mirror, URL, path)
+        source=lambda wildcards: (fetch_arguments(config["custom_datasets"][wildcards.dataset])
+                                  if isinstance(config["custom_datasets"].get(wildcards.dataset), dict)
+                                  else fetch_source(wildcards)),
         negatives=config["negatives"]["source"],
     log:
         f"{OUT}/logs/fetch/{{dataset}}.log",
