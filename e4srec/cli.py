@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -244,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--time-backbone", action="store_true",
                    help="E4SRec: also time the bare backbone on the same prompts (Table 4), after evaluating")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--compile-cache", metavar="DIR",
+                       help="torch.compile's FX graph, AOTAutograd, autotuning and Triton caches in DIR, shared by "
+                            "runs and processes (e4srec.compile_cache; default: $E4SREC_COMPILE_CACHE, where set, "
+                            "else torch's own settings)")
+    cache.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const="",
+                       help="switch the FX graph and AOTAutograd caches off (every compile starts from nothing)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("metrics", help="metrics of every run, long form CSV, from the ranks files")
@@ -341,9 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from . import provenance
+    from . import compile_cache, provenance
 
     provenance.git_state()  # the commit and dirty flag as the command starts, before it writes any tracked file
+    # torch.compile's caches (e4srec.compile_cache): train's --compile-cache/--no-compile-cache, else the
+    # workflow's E4SREC_COMPILE_CACHE (a folder; "": off); set before torch is imported, which reads them
+    cache = getattr(args, "compile_cache", None)
+    cache = os.environ.get(compile_cache.ENVIRONMENT) if cache is None else cache
+    if cache is not None:
+        compile_cache.configure(cache or None)
     try:
         return args.func(args) or 0
     except (InputError, FileNotFoundError, FloatingPointError) as err:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import provenance
+from . import compile_cache, provenance
 from .data import SequenceData
 from .evaluate import rank_all
 from .files import InputError, save_tensors, sha256_file, write_json, write_parquet
@@ -218,6 +218,7 @@ def run(dataset_dir: str | Path, model_name: str, out_dir: str | Path, *, varian
                 "raw_sha256": data.record["raw"]["sha256"], "negatives": data.record["negatives"]},
         metrics=summary, total_seconds=time.perf_counter() - started,
         nondeterminism=nondeterminism_settings(device),
+        compile_cache=compile_cache.report(),  # on or off, this process's cache hits and misses, compile seconds
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
         **{k: str(v) for k, v in context.items()},
     )
