@@ -1,4 +1,14 @@
 # E4SRec, stages 2 to 4: backbone, instruction tuning, per-dataset training and pluggable components.
+import os
+
+# torch.compile's caches in one folder for every E4SRec job and each of its processes (config key
+# compile_cache; "": off; e4srec/compile_cache.py). Passed through the environment, which every job's
+# shell and each process of `accelerate launch` inherit (and which this file sets again where a job runs
+# in a Snakemake process of its own), not as an argument of the shell commands: a new argument would
+# count as a code change and mark every finished run out of date. The `e4srec` command reads it first.
+_COMPILE_CACHE = f"{RES}/compile_cache" if config["compile_cache"] == "auto" else config["compile_cache"]
+# (set here, not read: no envvars directive)
+os.environ.update(E4SREC_COMPILE_CACHE=str(Path(_COMPILE_CACHE).resolve()) if _COMPILE_CACHE else "")
 
 E4SREC_TRAIN_SHELL = TRAIN_COMMAND + (  # `e4srec train`, or its launch over several GPUs (common.smk)
     " --dataset-dir {params.dataset_dir} --model E4SRec --variant {wildcards.variant} "
