@@ -16,7 +16,10 @@ torch_compile_caching_configuration_tutorial.html):
   entries by the GPU's target, so jobs on different GPUs share it).
 
 Dynamo still traces the Python code in every process and CUDA graphs are still recorded; what a
-warm cache saves is Inductor's code generation, the C++/Triton compilation and autotuning.
+warm cache saves is Inductor's code generation, the C++/Triton compilation and autotuning. The whole
+step (``compile_scope="step"``) holds autocast regions, which torch 2.13's AOTAutogradCache does not
+take ("Bypassing autograd cache due to: Unsupported call_function target _enter_autocast"): there the
+FX graph cache hits and AOTAutograd traces again; the regionally compiled layer hits both.
 
 :func:`configure` points these caches at one folder and switches them on (or off), before the first
 compile. ``e4srec train --compile-cache DIR`` calls it first thing, before torch is imported, so it
