@@ -101,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(entry)
             print(f"{name}: {json.dumps({k: entry.get(k) for k in ('process_seconds', 'first_epoch_seconds', 'median_later_epoch_seconds', 'epochs_run', 'estimated_whole_run_seconds', 'error')})}",
                   flush=True)
-    write_json(args.out, provenance.record(what="baseline per-epoch time on one GPU, one job at a time",
-                                           dataset=dataset, epochs=args.epochs, runs=results))
+            # rewritten after every run, so that a time limit leaves the runs finished so far
+            write_json(args.out, provenance.record(what="baseline per-epoch time on one GPU, one job at a time",
+                                                   dataset=dataset, epochs=args.epochs, runs=results,
+                                                   complete=len(results) == len(args.models)))
     return 0
 
 
