@@ -165,10 +165,25 @@ def cmd_rebuild(args) -> None:
     dataset_dirs = [str(root / "data" / d) for d in {Path(r).parts[-4] for r in runs} if (root / "data" / d).exists()]
     if dataset_dirs:  # Figure 4 needs the prepared datasets (history lengths), which are not committed
         analysis.write_sparsity(runs, dataset_dirs, out / "figure4_sparsity.csv", root / "figures" / "figure4_sparsity")
+    elif (out / "figure4_sparsity.csv").exists():  # without them: redrawn from the CSV they once gave
+        import pandas as pd
+
+        analysis.plot_sparsity_figures(pd.read_csv(out / "figure4_sparsity.csv"), root / "figures" / "figure4_sparsity")
     if efficiency.e4srec_run_paths(root / "runs"):  # Tables 4 and 5 describe E4SRec's runs
         efficiency.write_table4(root / "runs", out)
         efficiency.write_table5(root / "runs", out)
+    if not args.no_page:
+        from .results_page import default_page, write_results_page
+
+        write_results_page(root, args.page or default_page(root), args.paper)
     log.info("rebuilt tables from %d runs under %s", len(runs), root)
+
+
+def cmd_results_page(args) -> None:
+    """The results landing page and the runs' index, from the run folders and the tables present."""
+    from .results_page import default_page, write_results_page
+
+    write_results_page(args.results, args.page or default_page(args.results), args.paper)
 
 
 def cmd_audit(args) -> int:
@@ -300,7 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="?", default="results/paper", help="results folder (default results/paper)")
     p.add_argument("--paper", default="paper/paper_targets.tsv")
     p.add_argument("--datasets", nargs="*", default=["Beauty", "Sports_and_Outdoors", "Toys_and_Games", "Yelp"])
+    p.add_argument("--page", help="the landing page to write (default: results/README.md for results/paper, "
+                                  "else README.md inside the results folder)")
+    p.add_argument("--no-page", action="store_true", help="write no landing page and no runs index")
     p.set_defaults(func=cmd_rebuild)
+
+    p = sub.add_parser("results-page", help="the results landing page and the index of the runs, generated")
+    p.add_argument("results", nargs="?", default="results/paper", help="results folder (default results/paper)")
+    p.add_argument("--paper", default="paper/paper_targets.tsv")
+    p.add_argument("--page", help="page to write (default: results/README.md for results/paper, "
+                                  "else README.md inside the results folder)")
+    p.set_defaults(func=cmd_results_page)
 
     p = sub.add_parser("headline", help="the README's headline table from a results folder's Table 3 and tests")
     p.add_argument("results", nargs="?", default="results/paper", help="results folder (default results/paper)")

@@ -157,6 +157,9 @@ def write_paper_tables(metrics_csv: str | Path, paper_tsv: str | Path, out_dir: 
     render(table3, "Table 3: full ranking (test item)", out_dir / "table3", datasets)
     table6 = add_verdicts(paper_table(metrics, paper_tsv, "table6", TABLE6, ("sampled",)), intervals, significance)
     render(table6, "Table 6: 99 sampled negatives (test item)", out_dir / "table6", datasets)
+    write_by_dataset(table3, significance, TABLE3, "full", "Table 3: full ranking (test item)", out_dir, "table3")
+    write_by_dataset(table6, significance, TABLE6, "sampled", "Table 6: 99 sampled negatives (test item)", out_dir,
+                     "table6")
     write_baseline_gaps(table3, out_dir / "baseline_gaps")
     write_sampled_gaps(table6, out_dir / "sampled_gaps", metrics, Path(data_dir) if data_dir else out_dir.parent / "data",
                        table3)
@@ -458,3 +461,197 @@ def write_table2(records: list[str], paper_tsv: str | Path, out: str | Path) -> 
     wide = frame.pivot(index="dataset", columns="statistic", values="value")
     write_text(Path(out).with_suffix(".md"), "# Table 2: dataset statistics (whole files)\n\n" + wide.to_markdown() + "\n")
     return frame
+
+
+# Tables 3 and 6 as the paper prints them: one table per dataset -------------------------------------
+
+PAPER_DATASETS = ("Beauty", "Sports", "Toys", "Yelp")  # the paper's names and order (paper_name)
+VARIANT_NOTES = {
+    "ce": "cross-entropy over all items instead of BCE with one negative",
+    "long": "patience 40 in at most 300 epochs (ICLRec's setting) instead of patience 10",
+    "bce": "BCE with one negative (the paper lineage's loss) instead of cross-entropy over all items",
+    "paper-batch": "Table 5's training: one prompt per example, 16 examples a batch in random order",
+}
+MARK_BETTER, MARK_WORSE = "†", "‡"
+LATEX_MARKS = {MARK_BETTER: r"$^{\dagger}$", MARK_WORSE: r"$^{\ddagger}$"}
+
+
+def row_label(model: str, variant: str) -> str:
+    return model if variant == "default" else f"{model} ({variant})"
+
+
+def row_order(rows) -> list[tuple[str, str]]:
+    """(model, variant) pairs in the paper's order: its baselines (POP ... ICLRec), then our extra rows
+    (the baselines' variants, in the same model order), then E4SRec's variants other than Figure 3's
+    ablations, then E4SRec, the paper's last row. Ablations and unknown models are left out."""
+    def key(row):
+        model, variant = row
+        if model in GAP_BASELINES:
+            return (0 if variant == "default" else 1, GAP_BASELINES.index(model), variant)
+        return (2 if variant != "default" else 3, 0, variant)
+
+    kept = {(m, v) for m, v in rows if m in GAP_BASELINES or (m == "E4SRec" and v not in E4SREC_ABLATIONS)}
+    return sorted(kept, key=key)
+
+
+def best_baseline_tests(significance: pd.DataFrame | None, dataset: str, protocol: str, variant: str) -> dict:
+    """(metric, k) -> the significance row of E4SRec ``variant`` against the best baseline of that cell
+    (the non-E4SRec row with the highest mean over users), as :func:`add_verdicts` picks it."""
+    if significance is None or not len(significance):
+        return {}
+    if "model_variant" not in significance:
+        significance = significance.assign(model_variant="default")
+    part = significance[(significance["dataset"] == dataset) & (significance["protocol"] == protocol)
+                        & (significance["model_variant"] == variant)]
+    best = {}
+    for (metric, k), tests in part.groupby(["metric", part["k"].astype("Int64")], dropna=False):
+        best[(metric, None if pd.isna(k) else int(k))] = tests.loc[tests["baseline_value"].idxmax()]
+    return best
+
+
+def significance_mark(test) -> str:
+    """† where E4SRec is higher than the best baseline with Holm-corrected Wilcoxon p below the level,
+    ‡ where it is lower with such a p, else nothing."""
+    if test is None or not test["wilcoxon_p_holm"] < SIGNIFICANCE_LEVEL or test["mean_difference"] == 0:
+        return ""
+    return MARK_BETTER if test["mean_difference"] > 0 else MARK_WORSE
+
+
+def by_dataset(table: pd.DataFrame, significance: pd.DataFrame | None, spec: dict, protocol: str) -> pd.DataFrame:
+    """Long form of the per-dataset tables: one row per (dataset, model row, metric) of ``protocol``, in
+    the paper's order, with our mean and standard deviation over seeds, the paper's value, whether ours is
+    the best of the column (at the 4 printed decimals), the significance mark of E4SRec's rows and the
+    best baseline that mark compares with."""
+    labels = [_metric_label(m, k) for m, k in spec["metrics"]]
+    part = table[table["protocol"] == protocol]
+    rows = []
+    for dataset in dict.fromkeys(part["dataset"]):
+        cells = part[part["dataset"] == dataset]
+        order = row_order(zip(cells["model"], cells["variant"]))
+        tests = {variant: best_baseline_tests(significance, dataset, protocol, variant)
+                 for model, variant in order if model == "E4SRec"}
+        for model, variant in order:
+            mine = cells[(cells["model"] == model) & (cells["variant"] == variant)]
+            for metric, k in spec["metrics"]:
+                cell = mine[(mine["metric"] == metric) & (mine["k"].isna() if k is None else mine["k"] == k)]
+                if not len(cell):
+                    continue
+                cell = cell.iloc[0]
+                test = tests.get(variant, {}).get((metric, k)) if model == "E4SRec" else None
+                rows.append({"dataset": paper_name(dataset), "row": row_label(model, variant), "model": model,
+                             "variant": variant, "metric": _metric_label(metric, k), "seeds": int(cell["seeds"]),
+                             "mean": cell["value"], "std": cell["std"], "paper_value": cell["paper_value"],
+                             "mark": significance_mark(test),
+                             "best_baseline": "" if test is None else row_label(test["baseline"], test["baseline_variant"]),
+                             "best_baseline_mean": np.nan if test is None else test["baseline_value"],
+                             "wilcoxon_p_holm": np.nan if test is None else test["wilcoxon_p_holm"]})
+    frame = pd.DataFrame(rows, columns=["dataset", "row", "model", "variant", "metric", "seeds", "mean", "std",
+                                        "paper_value", "mark", "best_baseline", "best_baseline_mean",
+                                        "wilcoxon_p_holm"])
+    rounded = frame["mean"].round(4)
+    frame["best"] = rounded == rounded.groupby([frame["dataset"], frame["metric"]]).transform("max")
+    frame["metric"] = pd.Categorical(frame["metric"], labels)
+    return frame
+
+
+def _cell(row, latex: bool) -> str:
+    """'0.0563 ± 0.0021 (0.0758)': bold mean where best, the mark after it, the paper's value in parentheses."""
+    mean = f"{row['mean']:.4f}"
+    mean = (rf"\textbf{{{mean}}}" if latex else f"**{mean}**") if row["best"] else mean
+    mark = LATEX_MARKS.get(row["mark"], "") if latex else row["mark"]
+    spread = "" if pd.isna(row["std"]) else (rf" $\pm$ {row['std']:.4f}" if latex else f" ± {row['std']:.4f}")
+    paper = "" if pd.isna(row["paper_value"]) else f" ({row['paper_value']:.4f})"
+    return mean + mark + spread + paper
+
+
+def _printed(frame: pd.DataFrame, latex: bool) -> pd.DataFrame:
+    """One dataset's table as printed: rows in order, the seeds, one column per metric."""
+    order = list(dict.fromkeys(frame["row"]))
+    cells = frame.assign(cell=[_cell(row, latex) for _, row in frame.iterrows()])
+    wide = cells.pivot(index="row", columns="metric", values="cell").reindex(order)
+    wide = wide[[c for c in frame["metric"].cat.categories if c in wide.columns]]
+    wide.insert(0, "seeds", frame.groupby("row")["seeds"].max().reindex(order).astype(str))
+    wide.index.name = "model"
+    wide.columns.name = None
+    return wide.fillna("--" if latex else "–")
+
+
+def by_dataset_notes(frame: pd.DataFrame, protocol: str) -> list[str]:
+    """The footnote lines of the per-dataset tables: cells, bold, marks and the rule, protocol, variants."""
+    variants = sorted(set(frame["variant"]) - {"default"})
+    notes = [
+        "Cells: our mean ± standard deviation over seeds (no ± with one seed: POP is deterministic), the paper's "
+        "value in parentheses (the paper ran no variants). Bold: the best of our rows in the column, at 4 decimals.",
+        f"{MARK_BETTER} / {MARK_WORSE}: E4SRec significantly higher / lower than the best baseline of that column "
+        "(the non-E4SRec row, variants included, with the highest mean): paired Wilcoxon signed-rank test over "
+        "users of the per-user metric averaged over seeds, Holm-corrected across every comparison of the table "
+        f"and E4SRec variant, p < {SIGNIFICANCE_LEVEL} (the paper's claim). No mark: not significant. Tests, "
+        "effect sizes and the uncorrected p-values are in significance.csv; 95% bootstrap intervals in intervals.csv.",
+        f"Protocol `{protocol}`. {POLICY_NOTE}",
+    ]
+    if variants:
+        notes.append("Variants: " + "; ".join(f"{v}: {VARIANT_NOTES.get(v, 'see config/config.yaml')}"
+                                              for v in variants) + ".")
+    return notes
+
+
+def _best_baseline_line(part: pd.DataFrame, latex: bool = False) -> str:
+    """Which baseline each column's mark of E4SRec (default) compares with, and the corrected p."""
+    e4srec = part[(part["model"] == "E4SRec") & (part["variant"] == "default") & (part["best_baseline"] != "")]
+    if not len(e4srec):
+        return ""
+    def p_value(p: float) -> str:
+        return "p < 1e-300" if p == 0 else f"p = {p:.2g}"  # 0: below the smallest double scipy returns
+
+    items = [f"{row['metric']}: {row['best_baseline']} ({p_value(row['wilcoxon_p_holm'])})" for _, row in e4srec.iterrows()]
+    return "Best baseline per column (E4SRec's Holm-corrected p): " + "; ".join(items) + "."
+
+
+def write_by_dataset(table: pd.DataFrame, significance: pd.DataFrame | None, spec: dict, protocol: str,
+                     title: str, out_dir: str | Path, stem: str) -> list[Path]:
+    """``{stem}_by_dataset.md`` (a section per dataset), ``{stem}_{Dataset}.csv`` and ``.tex`` (booktabs)
+    per dataset, ``{stem}_by_dataset.csv`` (the long form) and ``{stem}_by_dataset.provenance.json``."""
+    out_dir = Path(out_dir)
+    frame = by_dataset(table, significance, spec, protocol)
+    datasets = [d for d in PAPER_DATASETS if d in set(frame["dataset"])] + \
+               [d for d in dict.fromkeys(frame["dataset"]) if d not in PAPER_DATASETS]
+    notes = by_dataset_notes(frame, protocol)
+    written = [out_dir / f"{stem}_by_dataset.md", out_dir / f"{stem}_by_dataset.csv"]
+    sections = [f"# {title}, one table per dataset\n\n", *[f"{note}\n\n" for note in notes],
+                f"The wide tables of every protocol and variant: [{stem}.md]({stem}.md); per dataset as CSV and "
+                f"LaTeX: " + ", ".join(f"[{stem}_{d}.csv]({stem}_{d}.csv), [.tex]({stem}_{d}.tex)" for d in datasets)
+                + ".\n"]
+    for dataset in datasets:
+        part = frame[frame["dataset"] == dataset]
+        sections.append(f"\n## {dataset}\n\n" + _printed(part, latex=False).to_markdown() + "\n")
+        line = _best_baseline_line(part)
+        if line:
+            sections.append(f"\n{line}\n")
+        numbers = part.pivot(index="row", columns="metric", values=["mean", "std", "paper_value", "mark", "best"])
+        numbers = numbers.reindex(list(dict.fromkeys(part["row"])))
+        numbers.columns = [f"{metric}_{field}".replace("_mean", "") for field, metric in numbers.columns]
+        columns = [f"{m}{suffix}" for m in part["metric"].cat.categories if f"{m}" in numbers.columns
+                   for suffix in ("", "_std", "_paper_value", "_best", "_mark")]
+        numbers = numbers[columns]
+        numbers.insert(0, "seeds", part.groupby("row")["seeds"].max())
+        numbers.index.name = "model"
+        write_text(out_dir / f"{stem}_{dataset}.csv", numbers.to_csv(float_format="%.6g"))
+        latex = _printed(part, latex=True)
+        latex = latex.reset_index()
+        body = latex.to_latex(escape=False, index=False, column_format="l" + "r" * (len(latex.columns) - 1),
+                              caption=f"{title}: {dataset}. Mean $\\pm$ standard deviation over seeds (the paper's "
+                                      f"value); bold: best of ours; $^{{\\dagger}}$/$^{{\\ddagger}}$: E4SRec "
+                                      f"significantly higher/lower than the best baseline (Wilcoxon, Holm, "
+                                      f"$p<{SIGNIFICANCE_LEVEL}$).",
+                              label=f"tab:{stem}-{dataset.lower()}")
+        comments = "".join(f"% {note}\n" for note in [*notes, line] if note)
+        write_text(out_dir / f"{stem}_{dataset}.tex", comments + body)
+        written += [out_dir / f"{stem}_{dataset}.csv", out_dir / f"{stem}_{dataset}.tex"]
+    write_text(out_dir / f"{stem}_by_dataset.md", "".join(sections))
+    long = frame.assign(metric=frame["metric"].astype(str))
+    write_text(out_dir / f"{stem}_by_dataset.csv", long.to_csv(index=False, float_format="%.6g"))
+    write_json(out_dir / f"{stem}_by_dataset.provenance.json",
+               provenance.record(table=f"{title}, one table per dataset", protocol=protocol,
+                                 significance_level=SIGNIFICANCE_LEVEL, marks={MARK_BETTER: "higher", MARK_WORSE: "lower"},
+                                 files=sorted(p.name for p in written)))
+    return written
