@@ -193,9 +193,12 @@ def _by_commit(runs: pd.DataFrame) -> str:
         for row in part.itertuples():
             what[row.model if row.variant == "default" else f"{row.model}/{row.variant}"].add(
                 (paper_name(row.dataset), row.seed))
-        described = "; ".join(
-            f"{label} ({', '.join(sorted({d for d, _ in cells}, key=_dataset_key))}; seeds "
-            f"{', '.join(map(str, sorted({s for _, s in cells})))})" for label, cells in what.items())
+        def seeds(cells) -> str:
+            values = sorted({s for _, s in cells})
+            return ("seed " if len(values) == 1 else "seeds ") + ", ".join(map(str, values))
+
+        described = "; ".join(f"{label} ({', '.join(sorted({d for d, _ in cells}, key=_dataset_key))}; {seeds(cells)})"
+                              for label, cells in what.items())
         dates = part["date"].str[:10]
         span = dates.min() if dates.min() == dates.max() else f"{dates.min()} to {dates.max()}"
         lines.append({"commit": f"`{commit}`", "dates": span, "machine": ", ".join(part["machine"].unique()),
@@ -210,16 +213,17 @@ def _dataset_key(name: str) -> int:
 
 
 def _backbones(runs: pd.DataFrame) -> str:
-    e4srec = runs[(runs["model"] == "E4SRec") & (runs["backbone_sha256"] != "")]
+    e4srec = runs[(runs["model"] == "E4SRec") & (runs["variant"] == "default") & (runs["backbone_sha256"] != "")]
     if not len(e4srec):
         return ""
     counts = e4srec.groupby("dataset")["backbone_sha256"].nunique()
     total = e4srec["backbone_sha256"].nunique()
     per = ", ".join(f"{paper_name(d)} {n}" for d, n in sorted(counts.items(), key=lambda x: _dataset_key(paper_name(x[0]))))
     return (f"**Backbones.** Instruction tuning the embedded backbone on a GPU is not bitwise reproducible, and it "
-            f"was redone on each GPU machine, so E4SRec's {len(e4srec)} runs sit on {total} tuned backbones "
-            f"(`backbone.weights_sha256` in each run.json; per dataset: {per}). The serving measurement needs, "
-            "and had, one backbone for all four datasets: that of the seed-0 runs.")
+            f"was redone on each GPU machine, so E4SRec's {len(e4srec)} runs of the default variant sit on {total} "
+            f"tuned backbones (`backbone.weights_sha256` in each run.json; per dataset: {per}). The serving "
+            "measurement needs, and had, one backbone for all four datasets: that of the seed-0 runs of commit "
+            "e45fdd9.")
 
 
 STATIC_NOTES = [
@@ -288,8 +292,9 @@ def results_page(root: str | Path, page: str | Path, paper_tsv: str | Path, runs
         "workflow's `data` target), and without it `e4srec rebuild` redraws Figure 4 from its committed CSV. "
         "Other profiles write to `results/quick/` and `.test/results/`, which are not committed.", "",
         "## Runs by commit", "",
-        "Generated from the run records. Every run used `config/config.yaml`; E4SRec's runs also the overlay "
-        "named in their `command` (resolved configuration in run.json).", "",
+        "Generated from the run records. The GPU runs of E4SRec ran with an overlay of the time, "
+        "`config/gpu-budget.yaml`, which `config/config.yaml` now holds (commit 1cb671c); each run's resolved "
+        "settings are in its `command` and run.json.", "",
         _by_commit(runs), "",
         f"**Commits.** {launcher} runs took their commit from the launcher (`E4SREC_GIT_COMMIT`, `git.source: "
         f"environment`). {restated} runs had a stale `.git` on their machine and record a restated commit "
