@@ -248,7 +248,7 @@ STATIC_NOTES = [
 
 def results_page(root: str | Path, page: str | Path, paper_tsv: str | Path, runs: pd.DataFrame) -> str:
     root, page_dir = Path(root), Path(page).parent
-    name = Path(os.path.relpath(root, page_dir)).as_posix()
+    name = root.as_posix() if not root.is_absolute() else Path(os.path.relpath(root, page_dir)).as_posix()
     datasets = [paper_name(d) for d in dict.fromkeys(runs["dataset"])]
     datasets = sorted(datasets, key=_dataset_key)
     items = ["| the paper | ours | what ours holds |", "|---|---|---|"]
