@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device call (tenth session): the bert-encoder ablation's training on Toys, the first 1,000 steps of an
+# One device call on 1 x H200 (2026-11-28, commit 4d382d0): the bert-encoder ablation's training on Toys, the first 1,000 steps of an
 # epoch (16 examples a batch, length-grouped, Table 5's settings), eager against compile: always (scope step:
 # the whole loss compiled, CUDA graphs). Run records and logs go to $OUT.
 mkdir -p /tmp/mm && cp .gpu/m3/* /tmp/mm/

@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device call (eleventh session), one GPU to itself: the bert-encoder ablation's training on Toys, eager
+# One device call on 1 x H200 (2026-11-28 02:52 UTC, commit f9ac1e3), the GPU to itself: the bert-encoder ablation's training on Toys, eager
 # against compile: always (compile_scope step: the whole loss compiled, CUDA graphs), one after the other.
 # Two epochs of at most 1,000 steps each (16 examples a batch, length-grouped, Table 5's Toys settings):
 # epoch 0 includes compiling, epoch 1 is the steady step. Run records and logs go to $OUT.

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Phase 3, run as one device call right after lease.sh finished (same machine, same lease; MPS stopped first): 128 users a batch, eager.
+# 128 users a batch, eager, one GPU then DDP on two: one device call right after driver.sh finished (same machine,
+# CUDA MPS stopped first). It ran as phase 3 of the driver's log.
 cd /tmp/e4s/repo && source .device/setup.sh > /dev/null && export XDG_CACHE_HOME=/tmp/cache E4SREC_GIT_COMMIT=$(cat .device/commit) E4SREC_GIT_DIRTY=0 OMP_NUM_THREADS=1 CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe
 echo quit | nvidia-cuda-mps-control
 sleep 2
@@ -13,4 +14,4 @@ CUDA_VISIBLE_DEVICES=0 e4srec train "${A[@]}" --out /tmp/e4s/ddp/one_gpu_b128 > 
 echo "one_gpu_b128 rc=$? $(date +%T)" >> $L/driver.log
 CUDA_VISIBLE_DEVICES=0,1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no --main_process_port 0 -m e4srec.cli train "${A[@]}" --out /tmp/e4s/ddp/two_gpus_b128 > $L/ddp_two_gpus_b128.log 2>&1
 echo "two_gpus_b128 rc=$? $(date +%T)" >> $L/driver.log
-bash /tmp/e4s/repo/.device/poll.sh 1
+bash /tmp/e4s/repo/.device/collect.sh 1

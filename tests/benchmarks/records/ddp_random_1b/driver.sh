@@ -1,5 +1,5 @@
 #!/bin/bash
-# Device lease driver for a 2-GPU machine (tenth session), started once with setsid (it outlives the call).
+# Driver for a 2 x H200 machine (2026-11-27/28, commit 9694b17), started once with setsid (it outlives the call).
 # Stage 0: data, backbones, the MiniLM encoder. Phase 1 (both GPUs alone, no MPS): issue "Performance",
 # goal 4: E4SRec on a seeded random 1B LLaMA (workflow/scripts/random_backbone.py), one epoch of Beauty
 # on one GPU, then the same command under the rules' `accelerate launch` on two. Phase 2 (CUDA MPS, two

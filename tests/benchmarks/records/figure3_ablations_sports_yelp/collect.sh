@@ -1,5 +1,5 @@
 #!/bin/bash
-# Wait (at most $1 seconds) for the lease driver, then pack what it produced since it started into $OUT.
+# Wait (at most $1 seconds) for the driver (driver.sh), then pack what it produced since it started into $OUT.
 END=$((SECONDS + ${1:-540}))
 while [ $SECONDS -lt $END ] && [ ! -f /tmp/e4s/DONE ]; do sleep 10; done
 cd /tmp/e4s || exit 1

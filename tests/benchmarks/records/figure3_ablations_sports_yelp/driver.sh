@@ -1,5 +1,5 @@
 #!/bin/bash
-# Device lease driver for a 2-GPU machine (eleventh session), started once with setsid (it outlives the call).
+# Driver for a 2 x H200 machine (2026-11-28, commit 5fd052b), started once with setsid (it outlives the call).
 # Issue "Every paper experiment": the paper profile's 11 missing Figure 3 ablation runs, all through the
 # workflow (config/config.yaml + config/gpu-budget.yaml + .device/gpu.yaml), under CUDA MPS, four chains a
 # GPU (jobs_per_gpu=4): no-instruct on Yelp (seeds 1, 2), bpr-embeddings on Yelp (0, 1, 2), bert-encoder on

@@ -1,4 +1,4 @@
-# Sourced by the lease scripts from the repository copy: the wheels the device lacks (only those whose
+# Sourced by the driver scripts from the repository copy: the wheels the device lacks (only those whose
 # distribution is not installed there) into /tmp/site, and an `e4srec` command that runs this checkout.
 if [ ! -f /tmp/site/.done ]; then
   python3 - <<'PY'

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Device driver (twelfth session), started detached (setsid) by the second call on ONE H100, after the
+# Driver on ONE H100 (2026-11-28 05:27 UTC, commit a6975cc), started detached (setsid) by the second call, after the
 # first call left the GGUF's first half in /tmp/bb. Issue "Performance", goals 1 and 2, on the H100:
 #   A. goal 2, speed: full-catalogue scoring of all 22,363 Beauty users in bf16: the padded reference
 #      (batch 256), packed eager and packed compiled (one batch, 1,048,576 positions a pass), padded at
@@ -30,6 +30,6 @@ bench scoring_bf16 --trainings --eval-users 0 --eval-batch-size 256 --bare-backb
   --eval-settings 22363:1048576 22363:1048576:compiled 16384:1048576:padded
 bench scoring_float64 --trainings --eval-users 0 --eval-batch-size 256 --skip-model-precision --eval-float64 \
   --eval-settings 22363:262144 22363:262144:compiled
-bench goal1_reference --trainings examples --modes eager --batch-sizes 16 --eval-users 256 --eval-settings
-bench goal1_packed --trainings --modes compiled --packed-batch-sizes 64 --epoch --eval-users 256 --eval-settings
+bench epoch_reference_eager_examples16 --trainings examples --modes eager --batch-sizes 16 --eval-users 256 --eval-settings
+bench epoch_packed_compiled_b64 --trainings --modes compiled --packed-batch-sizes 64 --epoch --eval-users 256 --eval-settings
 log done; touch $O/DONE

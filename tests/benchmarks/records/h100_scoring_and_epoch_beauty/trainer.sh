@@ -1,7 +1,7 @@
 #!/bin/bash
-# One device call (twelfth session), after the first call left the GGUF's first half in /tmp/bb; ONE H100,
+# One device call on ONE H100 (2026-11-28 05:48 UTC, commit c93a021), after the first call left the GGUF's first half in /tmp/bb; ONE H100,
 # alone. Issue "Performance", goal 1 by the trainer itself: `e4srec train`, Beauty, packed, 64 users a batch,
-# learning rate 6e-4 (the seventh session's H200 setting, seed 1), compiled step, two epochs: epoch 0
+# learning rate 6e-4 (the setting of the 2026-11-27 H200 runs at f386853, seed 1), compiled step, two epochs: epoch 0
 # compiles the three width buckets, epoch 1 is the trainer's own warm epoch. The backbone is the embedded
 # one without instruction tuning (timing only; the metrics of this setting are the H200 runs' records).
 cp .gpu/b/* /tmp/bb/ && cat /tmp/bb/part_* > /tmp/bb/SmolLM2-135M-Instruct.Q4_1.gguf

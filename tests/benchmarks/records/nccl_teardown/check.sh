@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device call (eleventh session), a 2-GPU machine: `e4srec train` (SASRec, 29 seeded users, one epoch)
+# One device call on 2 x H200 (2026-11-28 03:48 UTC, at 8654d9c): `e4srec train` (SASRec, 29 seeded users, one epoch)
 # under torchrun with NCCL, two processes, with e4srec/runs.py before and after the commit that calls
 # accelerator.end_training() once training is done. Prints, per version, how many processes still held
 # a process group after the run and how many NCCL warnings about destroy_process_group stderr holds.

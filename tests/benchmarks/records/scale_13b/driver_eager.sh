@@ -1,5 +1,6 @@
 #!/bin/bash
-# Device driver (thirteenth session), started detached (setsid) by the first call on TWO H100s.
+# Driver (2026-11-28 07:13 UTC, commit cae95cd), started detached (setsid) by the first call on a machine asked
+# for as TWO H100s (it had two H200s).
 # Issue "Performance", goal 4 at the paper's scale: a seeded random LLaMA2-13B-shaped backbone
 # (workflow/scripts/random_backbone.py --preset 13b; timing only, its scores mean nothing), E4SRec on
 # 2,000 sampled Beauty users (the quick profile's sampling, seed 0; all 12,101 items), packed, eager,

@@ -1,7 +1,7 @@
 #!/bin/bash
-# One call on a fresh two-H200 machine (thirteenth session; the lease that ran run.sh was released before
-# its last results came back): the random 13B backbone again (same seed), then D (DDP, 4-bit NF4) again,
-# then phase2.sh's two runs (compile_scope: layers, one GPU and DDP). Each result is copied to $OUT as soon
+# One call on a fresh two-H200 machine (2026-11-28 07:34 UTC, commit cae95cd; the machine that ran
+# driver_eager.sh was handed back before its last results came back): the random 13B backbone again (same
+# seed), then D (DDP, 4-bit NF4) again, then E and F (compile_scope: layers, one GPU and DDP). Each result is copied to $OUT as soon
 # as it exists.
 set -u
 rm -rf /tmp/e4s && mkdir -p /tmp/e4s && cp -r . /tmp/e4s/repo && cd /tmp/e4s/repo

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Device lease driver for a 4-GPU machine (ninth session), started once with setsid (it outlives the call).
+# Driver for a 4 x H200 machine (2026-11-27, commit 293a1f5), started once with setsid (it outlives the call).
 # E4SRec's paper-batch variant on Yelp, three seeds, each alone on GPU 0, 1 or 2 (jobs_per_gpu=1); on GPU 3,
 # two chains of ablation runs side by side under CUDA MPS (jobs_per_gpu=2). All through the workflow.
 cd "$(dirname "$0")/.."
