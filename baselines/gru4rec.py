@@ -1,7 +1,7 @@
 """GRU4Rec: a recurrent network over the item sequence.
 
-Paper: Balazs Hidasi, Alexandros Karatzoglou, Linas Baltrunas and Domonkos Tikk, "Session-based
-Recommendations with Recurrent Neural Networks", ICLR 2016. Reference implementation followed:
+Paper: Balazs Hidasi, Alexandros Karatzoglou, Linas Baltrunas and Domonkos Tikk, GRU4Rec, ICLR 2016
+(arXiv:1511.06939). Reference implementation followed:
 RecBole's ``gru4rec.py`` (the usual GRU4Rec baseline of sequential recommendation papers, S3-Rec's
 and ICLRec's included): item embeddings -> dropout -> GRU -> a dense layer back to the embedding
 size -> dot product with the (shared) item embeddings, cross-entropy over all items.
@@ -13,8 +13,8 @@ the fairness switch's other side), Adam lr 1e-3, batch 256.
 
 Deliberate deviations:
 - Trained on the suite's ``sequences`` batches: the GRU reads each user's last max_len training
-  items and predicts the next item at every position (the paper's session-parallel mini-batches do
-  the same per session; RecBole trains on one (prefix, next item) pair per example, whose
+  items and predicts the next item at every position (the paper's parallel mini-batches over click
+  sequences do the same per sequence; RecBole trains on one (prefix, next item) pair per example, whose
   gradients this covers in one pass).
 - The suite's batches are left-padded; the GRU needs the padding after the items (a GRU's state
   moves even on zero inputs), so rows are grouped by length, trimmed, moved to the front (a gather

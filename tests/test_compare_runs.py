@@ -1,5 +1,6 @@
 """workflow/scripts/compare_runs.py: the one-GPU-against-DDP table, read from run records (issue
-"Performance", goal 4), run as a user runs it on the sixth session's committed records."""
+"Performance", goal 4), run as a user runs it on the committed
+records of tests/benchmarks/records/compile_scope (2 x H200, commit b97aae9, 2026-11-27)."""
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ def test_table_of_one_gpu_against_ddp_from_the_committed_records():
     assert result.returncode == 0, result.stderr
     header, rule, one, two = result.stdout.strip().splitlines()
     assert header.startswith("| run | processes | GPU |") and rule.count("---") == header.count("|") - 1
-    # the numbers of tests/benchmarks/RESULTS.md's sixth-session table, read from the records
+    # the numbers of paper/PERFORMANCE.md's compile-scope table (2 x H200, b97aae9), read from the records
     assert one.split(" | ")[1:8] == ["1", "NVIDIA H200", "70.1, 33.7, 33.6", "137.4 s", "1.00x, 1.00x", "43,130",
                                      "14.8 GiB a GPU"]
     assert two.split(" | ")[1:6] == ["2", "NVIDIA H200", "83.1, 38.2, 35.6", "156.8 s", "0.88x, 0.94x"]

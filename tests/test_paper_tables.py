@@ -14,7 +14,7 @@ from e4srec import analysis, results_page, tables
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "paper" / "paper_targets.tsv"
-# (model, variant, HR@10 mean); the std is a tenth of it, POP has one seed
+# (model, variant, HR@10 mean); the std is 10% of it, POP has one seed
 ROWS = [("E4SRec", "default", 0.050), ("SASRec", "ce", 0.060), ("POP", "default", 0.010), ("SASRec", "default", 0.040),
         ("E4SRec", "no-llm", 0.030), ("E4SRec", "paper-batch", 0.055), ("BPR", "default", 0.020),
         ("GRU4Rec", "bce", 0.015)]

@@ -9,7 +9,8 @@ and checks its result, so the folder is an ordinary, fast test module. Every inp
 seeded, built outside the timed call. Sequence lengths follow Beauty's (5 + a Lomax tail: median 6,
 mean 8.7, 99th percentile 42 interactions per user; Beauty: 6, 8.9, 43), so SASRec's
 trimmed-width encoding and E4SRec's per-batch padding see realistic batches. The recorded numbers
-and the machine are in ``RESULTS.md`` next to this file; ``workflow/scripts/gpu_benchmark.py`` is
+and the machine are in ``paper/PERFORMANCE.md`` ("Hot-path benchmarks on the CPU"; how to run them:
+``README.md`` next to this file); ``workflow/scripts/gpu_benchmark.py`` is
 the GPU counterpart (tested here only for ``--help`` and its refusal without a GPU).
 """
 from __future__ import annotations

@@ -2,7 +2,8 @@
 """What one E4SRec training step keeps for its backward pass: a bf16 backbone against the dtypes of
 the 4-bit path (issue "Performance", goal 4). A CPU experiment; no GPU and no bitsandbytes needed.
 
-On two H200s (``tests/benchmarks/RESULTS.md``, thirteenth session) a LLaMA2-13B-shaped backbone
+On two H200s (2026-11-28, commit cae95cd; ``paper/PERFORMANCE.md``, "4-bit NF4 against bf16 at 13B";
+record ``tests/benchmarks/records/scale_13b``) a LLaMA2-13B-shaped backbone
 loaded in 4-bit NF4 peaked at as much GPU memory on one GPU as in bf16, although its weights are a
 quarter the size. ``load_in: 4bit`` goes through peft's ``prepare_model_for_kbit_training``, which
 casts every weight that is not quantised (the token embeddings, the RMSNorms) to float32. E4SRec feeds

@@ -2,8 +2,8 @@
 """Write a seeded, randomly initialised LLaMA backbone folder of a chosen size: for timing only.
 
 Issue "Performance", goal 4, asks what DDP gains over one GPU. With the embedded 135M backbone a
-training step is bound by per-step overhead, not arithmetic (``tests/benchmarks/RESULTS.md``, sixth
-session: two H200s under DDP were not faster than one at the same global batch), so no speed-up can
+training step is bound by per-step overhead, not arithmetic (``paper/PERFORMANCE.md``, "DDP scaling":
+on 2 x H200 at commit b97aae9, 2026-11-27, DDP was not faster than one GPU at the same global batch), so no speed-up can
 show there. A backbone large enough for the step to be compute-bound shows what DDP (or FSDP, or
 4-bit loading) gives at the paper's scale, without downloading weights (no model hub here). Its
 scores mean nothing: use it to time training and to check that DDP and one GPU agree (losses,
