@@ -56,6 +56,11 @@ from .recommender import Recommender
 
 log = logging.getLogger(__name__)
 
+# Called on the main process after each epoch's validation, before the epoch's checkpoint is committed,
+# as hook(model, data, epoch, device) with the model as that epoch left it (e4srec.sensitivity ranks every
+# user after each epoch). The model is put back in training mode after them; they change no weights.
+EPOCH_END_HOOKS: list = []
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -521,6 +526,8 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
         raise RuntimeError(f"FSDP was asked for (ACCELERATE_USE_FSDP, accelerate launch --use_fsdp), but accelerate "
                            f"runs these {accelerator.num_processes} processes as {accelerator.distributed_type.value}: "
                            "it turns FSDP on for GPU processes only (on the CPU it keeps DDP)")
+    if sharded and EPOCH_END_HOOKS:
+        raise InputError("epoch-end hooks (per-epoch ranks) need the whole model on the main process: not under FSDP")
     seed_everything(config.seed)
     if not sharded:  # FSDP moves each unit's shard to the GPU itself (never the whole model)
         model.to(device)
@@ -656,6 +663,10 @@ def train(model: Recommender, data: SequenceData, config: TrainConfig, checkpoin
             state.update(best_epoch=epoch, best_valid_ndcg10=valid, bad_epochs=0)
         else:
             state["bad_epochs"] += 1
+        if main and EPOCH_END_HOOKS:  # before the commit: an epoch that was committed has had its hooks
+            for hook in EPOCH_END_HOOKS:
+                hook(raw_model, data, epoch, device)
+            raw_model.train()
         if sharded:  # every process gathers the whole tensors (collectives); the main one writes them
             weights = whole_tensors(trainable_state(raw_model))
             opt_tensors, state["optimizer"] = _optimizer_tensors(optimizer)
