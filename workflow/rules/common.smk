@@ -170,9 +170,14 @@ def e4srec_item_embeddings(wildcards):
     return f"{run_dir(wildcards.dataset, chosen['model'], chosen['variant'], chosen['seed'])}/item_embeddings.safetensors"
 
 
+SENSITIVITY_VARIANTS = {}  # name -> {params, train} of the sensitivity study's runs (sensitivity.smk)
+
+
 def e4srec_variant_settings(wildcards, key):
     """A configured E4SRec variant's or ablation's ``params`` or ``train`` entry ({} for the default and
-    for an ablation without ``ablation_settings``)."""
+    for an ablation without ``ablation_settings``); for a point of the sensitivity study, its settings."""
+    if wildcards.variant in SENSITIVITY_VARIANTS:
+        return SENSITIVITY_VARIANTS[wildcards.variant].get(key, {})
     settings = config["e4srec"]["ablation_settings" if wildcards.variant in E4SREC_ABLATIONS else "variants"]
     return settings.get(wildcards.variant, {}).get(key, {})
 
