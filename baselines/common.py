@@ -242,7 +242,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ``table`` and ``bias``, which the backward pass only scales. Same value and gradients as
     ``F.cross_entropy(hidden @ table.T + bias, targets)`` up to float rounding (tested); on a 2-core
     CPU about 1.6x faster than materialising the logits, whose ~100 MB buffers each step would be
-    fresh pages (tests/benchmarks/RESULTS.md, "SASRec: the fused CPU loss").
+    fresh pages (paper/PERFORMANCE.md, "SASRec against RecBole on the CPU").
     """
 
     @staticmethod

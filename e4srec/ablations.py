@@ -52,7 +52,7 @@ Every other choice, each following E4SRec where BERT allows it:
 6. ``compile`` defaults to ``"never"`` for this variant (the Beauty and Toys encoder runs trained
    eagerly). ``compile: always`` in the parameters turns it on; its loss and gradients equal the eager
    ones on the CPU in either ``compile_scope`` (``tests/test_ablations.py``). With ``compile_scope:
-   step`` a warm step took 4.1 ms against 20.1 ms eager on one H200 (``tests/benchmarks/RESULTS.md``);
+   step`` a warm step took 4.1 ms against 20.1 ms eager on one H200 (``paper/PERFORMANCE.md``);
    ``config/gpu-budget.yaml`` sets it through ``e4srec.ablation_settings`` (the Sports and Yelp runs).
 7. Its pluggable components are E4SRec's files (adapter + projections) under the format
    :data:`ENCODER_FORMAT`, which :class:`e4srec.deploy.E4SRecService` (decoder backbones only) refuses.

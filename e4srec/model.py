@@ -17,7 +17,7 @@ backbone's hidden size, N items)::
 Only ``input_proj``, ``item_scorer`` and the LoRA weights train; with the frozen table they are the
 "pluggable components" of a dataset (see :mod:`e4srec.deploy`).
 
-Speed (measured on an H200 with the 135M backbone, bf16, Beauty; tests/benchmarks/RESULTS.md; a
+Speed (measured on an H200 with the 135M backbone, bf16, Beauty; paper/PERFORMANCE.md; a
 step is bound by kernel launches and Python, not arithmetic):
 
 - Training is compiled on a GPU (``compile="auto"``, CUDA graphs; about 1.5 minutes of compiling for
@@ -353,7 +353,7 @@ class E4SRecConfig:
     # state (tested). "padded": one row per user, padded to the chunk's longest history.
     scoring: str = "packed"
     # torch.compile packed scoring's backbone pass (shapes dynamic: one graph for any number of rows):
-    # "always" or "never" (the default until a GPU measurement says otherwise; tests/benchmarks/RESULTS.md)
+    # "always" or "never" (the default until a GPU measurement says otherwise; paper/PERFORMANCE.md)
     compile_scoring: str = "never"
     eval_row_tokens: int = 256  # packed scoring: the width of a row (or the longest user's tokens, if more)
     eval_chunk_tokens: int = 32768  # scoring: at most this many positions a pass (users sorted by length)

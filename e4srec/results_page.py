@@ -239,7 +239,7 @@ STATIC_NOTES = [
     "the withheld and extended models were trained on that run's backbone, and the comparison keeps one backbone.",
     "**Times.** Many GPU runs shared their GPU with other runs (several under CUDA MPS, `jobs_per_gpu` above 1), "
     "so the epoch times in their records are upper bounds. Table 4 says which runs its columns come from; "
-    "timings of runs alone on a GPU are in `tests/benchmarks/RESULTS.md`.",
+    "timings of runs alone on a GPU are in `paper/PERFORMANCE.md`.",
     "**Serving.** `e4srec serving` at e45fdd9 wrote no provenance into its JSON, so "
     "`tables/extensibility_serving.provenance.json` restates it from the log of the run that measured it "
     "(the command now writes it itself).",
