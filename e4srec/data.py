@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from . import interactions
-from .files import InputError, atomic_path, git_blob_sha1, read_json, sha256_file, write_json, write_parquet
+from .files import InputError, atomic_path, git_blob_sha1, read_input_bytes, read_json, sha256_file, write_json, write_parquet
 from .interactions import INT64_MAX, ITEM_IDS_FILE, USER_IDS_FILE, InputSpec
 
 log = logging.getLogger(__name__)
@@ -154,11 +154,7 @@ _INTEGER = re.compile(r"-?[0-9]+")
 def parse_sequences(path: str | Path) -> dict[int, list[int]]:
     """Parse a ``user item item ...`` file; every problem is reported with file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    text = path.read_bytes()
-    if not text.strip():
-        raise InputError(f"{path}: file is empty")
+    text = read_input_bytes(path)
     # Lines end at "\n" only (str.splitlines would also break at \x0b, \x0c, \x1c-\x1e, \x85,
     # \u2028 and \u2029, inventing lines and shifting every reported line number after them).
     lines = text.decode("utf-8", errors="replace").split("\n")[:-1]

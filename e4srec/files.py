@@ -60,6 +60,17 @@ def read_json(path: str | os.PathLike) -> Any:
         raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
 
 
+def read_input_bytes(path: str | os.PathLike) -> bytes:
+    """A user's input file's bytes; a missing or empty (whitespace only) file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    data = path.read_bytes()
+    if not data.strip():
+        raise InputError(f"{path}: file is empty")
+    return data
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

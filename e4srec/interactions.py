@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .files import InputError, atomic_path
+from .files import InputError, atomic_path, read_input_bytes
 
 FORMATS = ("s3rec", "sequences", "csv", "tsv", "parquet", "recbole")
 LOG_FORMATS = ("csv", "tsv", "parquet", "recbole")
@@ -294,11 +294,7 @@ def read_delimited(path: str | Path, format: str, columns: Columns) -> Log:
     RecBole files are tab-separated without quoting, as RecBole reads them.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    data = path.read_bytes()
-    if not data.strip():
-        raise InputError(f"{path}: file is empty")
+    data = read_input_bytes(path)
     text = _decode(path, data)
     if not text.endswith("\n"):
         raise InputError(f"{path}:{text.count(chr(10)) + 1}: last line has no newline: the file looks truncated")
